@@ -1,0 +1,228 @@
+"""Signed and optionally encrypted envelopes around encoded messages.
+
+    envelope := header body signature
+    header   := b"CFEV" version(u8) flags(u8) sender_sign_key(32) seq(u64)
+                recipient_fingerprint(8) ephemeral_x25519(32) nonce(12) body_len(u32)
+    body     := AES-256-GCM(ciphertext || tag(16)) when encrypted, else the encoded message
+    signature:= Ed25519 over header || body (64)
+
+Encryption is to the recipient's X25519 key with a fresh ephemeral key per envelope; the AES key
+is HKDF-SHA256 of the shared secret, salted with both public keys. The header is the GCM
+associated data, so no header byte can change without detection even before the signature is
+checked. ``seq`` is the sender's monotonically increasing counter: receivers keep the set of
+(sender, seq) they accepted, which makes replays detectable and resends idempotent.
+
+Verification order (cheapest and least trusting first): size and layout, version, recipient,
+known sender, signature, replay, decryption. Every failure raises :class:`WireError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from Crypto.Cipher import AES
+from Crypto.Hash import SHA256
+from Crypto.Protocol import DH
+from Crypto.Protocol.KDF import HKDF
+from Crypto.PublicKey import ECC
+
+from .errors import WireError
+from .identity import Identity, PublicIdentity
+
+ENV_MAGIC = b"CFEV"
+ENV_VERSION = 1
+FLAG_ENCRYPTED = 0x01
+_HEADER = struct.Struct("<4sBB32sQ8s32s12sI")
+HEADER_SIZE = _HEADER.size
+SIG_SIZE = 64
+TAG_SIZE = 16
+MAX_ENVELOPE_BYTES = 32 * 1024 * 1024 + HEADER_SIZE + SIG_SIZE + TAG_SIZE
+_KDF_INFO = b"crowdfl/v1 envelope"
+
+
+def fingerprint(pub: PublicIdentity) -> bytes:
+    return hashlib.sha256(pub.enc_key).digest()[:8]
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A parsed, not yet verified envelope."""
+
+    raw: bytes
+    flags: int
+    sender_key: bytes
+    seq: int
+    recipient_fp: bytes
+    ephemeral: bytes
+    nonce: bytes
+    body: bytes
+    signature: bytes
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & FLAG_ENCRYPTED)
+
+    @property
+    def signed_part(self) -> bytes:
+        return self.raw[: len(self.raw) - SIG_SIZE]
+
+    @property
+    def header(self) -> bytes:
+        return self.raw[:HEADER_SIZE]
+
+    @property
+    def sender_id(self) -> str:
+        return self.sender_key.hex()
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the whole envelope: the content address of what was signed."""
+        return hashlib.sha256(self.raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class Opened:
+    sender: PublicIdentity
+    seq: int
+    body: bytes
+    digest: str
+
+
+class ReplayGuard(Protocol):
+    """Remembers which (sender, seq) were accepted."""
+
+    def seen(self, sender: str, seq: int) -> bool: ...
+
+    def record(self, sender: str, seq: int) -> None: ...
+
+
+class MemoryReplayGuard:
+    """A replay guard for one process's lifetime (tests, the coordinator's in-flight checks)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, set[int]] = {}
+
+    def seen(self, sender: str, seq: int) -> bool:
+        return seq in self._seen.get(sender, ())
+
+    def record(self, sender: str, seq: int) -> None:
+        self._seen.setdefault(sender, set()).add(seq)
+
+
+def _aes_key(shared: bytes, ephemeral: bytes, recipient_enc: bytes) -> bytes:
+    return HKDF(shared, 32, ephemeral + recipient_enc, SHA256, context=_KDF_INFO)  # type: ignore[no-any-return]
+
+
+def seal(body: bytes, sender: Identity, seq: int, recipient: PublicIdentity | None = None) -> bytes:
+    """Sign (and, with a recipient, encrypt) an encoded message."""
+    if not 0 <= seq < 2**64:
+        raise ValueError("seq must fit in 64 bits")
+    if recipient is not None:
+        eph = ECC.generate(curve="curve25519")
+        eph_pub = eph.public_key().export_key(format="raw")
+        shared = DH.key_agreement(eph_priv=eph, static_pub=recipient.enc_public, kdf=lambda z: z)
+        key = _aes_key(shared, eph_pub, recipient.enc_key)
+        nonce = secrets.token_bytes(12)
+        flags, fp = FLAG_ENCRYPTED, fingerprint(recipient)
+        body_len = len(body) + TAG_SIZE
+    else:
+        eph_pub, nonce, flags, fp = bytes(32), bytes(12), 0, bytes(8)
+        body_len = len(body)
+    header = _HEADER.pack(ENV_MAGIC, ENV_VERSION, flags, sender.public.sign_key, seq, fp, eph_pub, nonce, body_len)
+    if recipient is not None:
+        cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
+        cipher.update(header)
+        ct, tag = cipher.encrypt_and_digest(body)
+        payload = ct + tag
+    else:
+        payload = body
+    signed = header + payload
+    return signed + sender.sign(signed)
+
+
+def parse(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Sealed:
+    """Check layout and sizes only; nothing is trusted yet."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("malformed", f"envelope must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise WireError("oversized", f"envelope of {len(data)} bytes exceeds {max_bytes}")
+    if len(data) < HEADER_SIZE + SIG_SIZE:
+        raise WireError("truncated", f"envelope of {len(data)} bytes is shorter than header and signature")
+    magic, version, flags, sender_key, seq, fp, eph, nonce, body_len = _HEADER.unpack_from(data)
+    if magic != ENV_MAGIC:
+        raise WireError("bad_magic", "not a crowdfl envelope")
+    if version != ENV_VERSION:
+        raise WireError("bad_version", f"envelope version {version}, this build speaks {ENV_VERSION}")
+    if flags & ~FLAG_ENCRYPTED:
+        raise WireError("malformed", f"unknown envelope flags {flags:#x}")
+    expected = HEADER_SIZE + body_len + SIG_SIZE
+    if len(data) < expected:
+        raise WireError("truncated", f"envelope has {len(data)} bytes, header announces {expected}")
+    if len(data) > expected:
+        raise WireError("trailing_bytes", f"{len(data) - expected} bytes after the signature")
+    if flags & FLAG_ENCRYPTED and body_len < TAG_SIZE:
+        raise WireError("truncated", "encrypted body shorter than its tag")
+    body = data[HEADER_SIZE : HEADER_SIZE + body_len]
+    return Sealed(data, flags, sender_key, seq, fp, eph, nonce, body, data[-SIG_SIZE:])
+
+
+def verify(sealed: Sealed, sender: PublicIdentity) -> None:
+    if sealed.sender_key != sender.sign_key:
+        raise WireError("unknown_sender", "envelope names a different sender key")
+    try:
+        sender.verifier.verify(sealed.signed_part, sealed.signature)
+    except ValueError:
+        raise WireError("bad_signature", f"signature of {sealed.sender_id[:16]} does not verify") from None
+
+
+def decrypt(sealed: Sealed, recipient: Identity) -> bytes:
+    if not sealed.encrypted:
+        return sealed.body
+    if sealed.recipient_fp != fingerprint(recipient.public):
+        raise WireError("wrong_recipient", "envelope is encrypted to another key")
+    try:
+        eph_pub = DH.import_x25519_public_key(sealed.ephemeral)
+        shared = DH.key_agreement(static_priv=recipient.enc_private, eph_pub=eph_pub, kdf=lambda z: z)
+    except ValueError as exc:
+        raise WireError("decrypt_failed", f"bad ephemeral key: {exc}") from None
+    key = _aes_key(shared, sealed.ephemeral, recipient.public.enc_key)
+    cipher = AES.new(key, AES.MODE_GCM, nonce=sealed.nonce)
+    cipher.update(sealed.header)
+    try:
+        return cipher.decrypt_and_verify(sealed.body[:-TAG_SIZE], sealed.body[-TAG_SIZE:])  # type: ignore[no-any-return]
+    except ValueError:
+        raise WireError("decrypt_failed", "authentication tag mismatch") from None
+
+
+def open_envelope(
+    data: bytes,
+    *,
+    lookup_sender: Callable[[str], PublicIdentity | None],
+    recipient: Identity | None = None,
+    replay: ReplayGuard | None = None,
+    require_encrypted: bool = False,
+) -> Opened:
+    """Parse, authenticate, check for replay and decrypt. Records the seq only on success."""
+    sealed = parse(data)
+    if require_encrypted and not sealed.encrypted:
+        raise WireError("not_encrypted", "this channel requires encrypted envelopes")
+    if sealed.encrypted and recipient is None:
+        raise WireError("wrong_recipient", "encrypted envelope but no recipient key here")
+    if sealed.encrypted and recipient is not None and sealed.recipient_fp != fingerprint(recipient.public):
+        raise WireError("wrong_recipient", "envelope is encrypted to another key")
+    sender = lookup_sender(sealed.sender_id)
+    if sender is None:
+        raise WireError("unknown_sender", f"sender {sealed.sender_id[:16]} is not registered")
+    verify(sealed, sender)
+    if replay is not None and replay.seen(sealed.sender_id, sealed.seq):
+        raise WireError("replay", f"seq {sealed.seq} of {sealed.sender_id[:16]} was already accepted")
+    body = decrypt(sealed, recipient) if sealed.encrypted and recipient is not None else sealed.body
+    if replay is not None:
+        replay.record(sealed.sender_id, sealed.seq)
+    return Opened(sender, sealed.seq, body, sealed.digest)
