@@ -1,0 +1,160 @@
+"""``crowdfl-agent``: provision, run, status and import on the customer's board."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from crowdfl.artifacts import fetch_artifact
+from crowdfl.errors import CrowdflError
+from crowdfl.household import DEVICE_KINDS, sample_profile
+from crowdfl.identity import Identity, PublicIdentity, short_id
+from crowdfl.mqtt import MqttLink, MqttSettings
+from crowdfl.runtime import setup_logging, stop_on_signals
+
+from .config import AgentConfig, load
+from .privacy import PrivacyPolicy
+from .service import Agent
+from .sources import SimulatedSource, read_json_lines
+from .state import AgentState
+from .usage_log import Retention, UsageLog
+
+log = logging.getLogger("crowdfl.agent")
+
+
+def _peer(sign_key: str, enc_key: str, what: str) -> PublicIdentity:
+    try:
+        return PublicIdentity(bytes.fromhex(sign_key), bytes.fromhex(enc_key or "00" * 32))
+    except ValueError:
+        raise CrowdflError("config", f"{what}: sign_key/enc_key must be 64 hex characters each (provisioned by the manufacturer)") from None
+
+
+def provision(cfg: AgentConfig) -> dict[str, str]:
+    """First boot: generate the keys (0600) if absent and return what the manufacturer registers."""
+    ident, created = Identity.load_or_create(cfg.key_file)
+    return {
+        **ident.public.to_json(),
+        "mqtt_username": short_id(ident.node_id),
+        "created": "yes" if created else "no (existing keys kept)",
+        "key_file": str(cfg.key_file),
+    }
+
+
+def status(cfg: AgentConfig) -> dict[str, object]:
+    state = AgentState(cfg.state_dir / "state.sqlite")
+    usage = UsageLog(cfg.state_dir / "usage.sqlite")
+    try:
+        budget = state.budget()
+        span = usage.span()
+        pending = state.pending(limit=1_000_000)
+        return {
+            "node_id": Identity.load(cfg.key_file).node_id if cfg.key_file.exists() else None,
+            "usage_reports": usage.count(),
+            "usage_span": [datetime.fromtimestamp(t, UTC).isoformat() for t in span] if span else None,
+            "samples_released": budget.samples_released,
+            "max_epsilon_per_sample": budget.max_epsilon_per_sample,
+            "budget_by_task": {k: {"samples": n, "epsilon_sum": e} for k, (n, e) in budget.by_task.items()},
+            "spool_pending": len(pending),
+            "spool_bytes": state.spool_bytes(),
+        }
+    finally:
+        state.close()
+        usage.close()
+
+
+def build_agent(cfg: AgentConfig, ident: Identity) -> Agent:
+    coordinator = _peer(cfg.coordinator.sign_key, cfg.coordinator.enc_key, "coordinator")
+    edge = _peer(cfg.edge.sign_key, cfg.edge.enc_key, "edge")
+    short = short_id(ident.node_id)
+    mqtt: MqttSettings = cfg.mqtt if cfg.mqtt.username else _with_username(cfg.mqtt, short)
+    link = MqttLink(mqtt, f"agent-{short}", Agent.subscriptions(short))
+    return Agent(
+        ident, coordinator, edge,
+        UsageLog(cfg.state_dir / "usage.sqlite", Retention(cfg.log.retention_days, cfg.log.max_rows)),
+        AgentState(cfg.state_dir / "state.sqlite", int(cfg.max_spool_mb * 1024 * 1024)),
+        link, lambda h: fetch_artifact(cfg.coordinator.url, h), cfg.state_dir / "models",
+        PrivacyPolicy(cfg.privacy.max_epsilon, cfg.privacy.require_label_privacy),
+        np.random.default_rng(), cfg.resend_after_s,
+    )
+
+
+def _with_username(m: MqttSettings, user: str) -> MqttSettings:
+    from dataclasses import replace
+
+    return replace(m, username=user)
+
+
+def _poll_sources(cfg: AgentConfig, agent: Agent, stop: threading.Event) -> None:
+    """Feed the usage log from the configured source and apply retention, once a minute."""
+    if cfg.source.kind != "simulated":
+        return  # jsonl is a one-off `import`; live plug telemetry arrives through its own source
+    profile = sample_profile(f"sim-{agent.short}", np.random.default_rng(cfg.source.seed))
+    now = time.time()
+    start = datetime.fromtimestamp(now - now % cfg.source.interval_s - 28 * 86400, UTC)
+    source = SimulatedSource(profile, start, cfg.source.interval_s, cfg.source.seed)
+    while not stop.is_set():
+        try:
+            agent.usage_log.append(source.poll(time.time()))
+            agent.usage_log.prune()
+        except Exception:
+            log.exception("usage source failed; retrying")
+        stop.wait(60)
+
+
+def run(cfg: AgentConfig) -> int:
+    ident, created = Identity.load_or_create(cfg.key_file)
+    if created:
+        log.info("first boot: generated keys for node %s (run `crowdfl-agent provision` to print them)", ident.node_id)
+    agent = build_agent(cfg, ident)
+    stop = stop_on_signals()
+    threading.Thread(target=_poll_sources, args=(cfg, agent, stop), name="sources", daemon=True).start()
+    log.info("agent %s running; broker %s:%d, edge %s", agent.short, cfg.mqtt.host, cfg.mqtt.port, agent.edge.node_id[:16])
+    agent.run(stop)  # returns after flushing the spool and closing the databases
+    log.info("agent stopped cleanly")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="crowdfl-agent", description="The crowdfl device agent.")
+    p.add_argument("--config", type=Path, default=None, help="TOML file (CROWDFL_AGENT__* variables override it)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the agent (as the systemd service does)")
+    sub.add_parser("status", help="usage log, privacy budget spent, spool")
+    sub.add_parser("provision", help="generate the keys on first boot and print what the manufacturer registers")
+    imp = sub.add_parser("import", help="import usage reports from a JSON-lines file")
+    imp.add_argument("file", type=Path)
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = load(args.config)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        if args.command == "provision":
+            print(json.dumps(provision(cfg), indent=2))
+        elif args.command == "status":
+            print(json.dumps(status(cfg), indent=2))
+        elif args.command == "import":
+            usage = UsageLog(cfg.state_dir / "usage.sqlite")
+            try:
+                n = usage.append(read_json_lines(args.file, DEVICE_KINDS))
+            finally:
+                usage.close()
+            print(f"imported {n} new reports from {args.file}")
+        else:
+            return run(cfg)
+    except (CrowdflError, OSError) as exc:
+        print(f"crowdfl-agent: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

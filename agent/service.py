@@ -1,0 +1,201 @@
+"""The agent, assembled: reacts to tasks and rounds, releases noisy features, keeps the spool moving.
+
+Data flow of one contribution:
+usage_log -> samples -> front (int8 TFLite) -> privacy (clip + Laplace) -> state (ledger + spool)
+-> uplink (MQTT) -> edge server, which acknowledges.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crowdfl.envelope import open_envelope, seal
+from crowdfl.errors import CrowdflError, PrivacyError, WireError
+from crowdfl.identity import Identity, PublicIdentity, short_id
+from crowdfl.messages import CODEC, Ack, FeatureBatch, RoundStart, TaskSpec
+from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic, feature_topic
+
+from .front import FrontModel
+from .privacy import PrivacyPolicy, privatise_features, randomised_response
+from .samples import samples_from_log
+from .state import AgentState
+from .uplink import Uplink
+from .usage_log import UsageLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActiveTask:
+    spec: TaskSpec
+    front: FrontModel
+    last_round: int = 0
+
+
+@dataclass
+class AgentStats:
+    contributions: int = 0
+    samples_released: int = 0
+    rejected_messages: int = 0
+    refused_tasks: int = 0
+
+
+class Agent:
+    def __init__(
+        self,
+        identity: Identity,
+        coordinator: PublicIdentity,
+        edge: PublicIdentity,
+        usage_log: UsageLog,
+        state: AgentState,
+        link: MqttLink,
+        fetch_artifact: Callable[[str], bytes],
+        model_dir: Path,
+        policy: PrivacyPolicy,
+        rng: np.random.Generator,
+        resend_after_s: float = 30.0,
+    ) -> None:
+        self.identity = identity
+        self.coordinator = coordinator
+        self.edge = edge
+        self.usage_log = usage_log
+        self.state = state
+        self.link = link
+        self.uplink = Uplink(link, state, resend_after_s)
+        self.fetch_artifact = fetch_artifact
+        self.model_dir = Path(model_dir)
+        self.policy = policy
+        self.rng = rng
+        self.tasks: dict[str, ActiveTask] = {}
+        self.stats = AgentStats()
+        self.short = short_id(identity.node_id)
+
+    @staticmethod
+    def subscriptions(short: str) -> list[str]:
+        return [f"{PREFIX}/tasks/+", f"{PREFIX}/tasks/+/round", ack_topic("+", short)]
+
+    # -- inbound -----------------------------------------------------------------------------
+    def handle(self, msg: Incoming) -> None:
+        try:
+            if msg.topic.startswith(f"{PREFIX}/ack/"):
+                opened = open_envelope(msg.payload, lookup_sender=self._edge_only)
+                self._on_ack(CODEC.decode(opened.body, Ack))
+            elif msg.topic.endswith("/round"):
+                opened = open_envelope(msg.payload, lookup_sender=self._coordinator_only)
+                self._on_round(CODEC.decode(opened.body, RoundStart))
+            elif msg.topic.startswith(f"{PREFIX}/tasks/"):
+                opened = open_envelope(msg.payload, lookup_sender=self._coordinator_only)
+                self._on_task(CODEC.decode(opened.body, TaskSpec))
+        except CrowdflError as exc:
+            self.stats.rejected_messages += 1
+            log.warning("rejected message on %s: %s", msg.topic, exc)
+
+    def _coordinator_only(self, sender: str) -> PublicIdentity | None:
+        return self.coordinator if sender == self.coordinator.node_id else None
+
+    def _edge_only(self, sender: str) -> PublicIdentity | None:
+        return self.edge if sender == self.edge.node_id else None
+
+    def _on_task(self, spec: TaskSpec) -> None:
+        if spec.task_id in self.tasks:
+            return
+        try:
+            self.policy.check(spec)
+        except PrivacyError as exc:
+            self.stats.refused_tasks += 1
+            log.warning("refused task %s: %s", spec.task_id[:12], exc.detail)
+            return
+        front = FrontModel(self._model_bytes(spec.front_model_hash), spec.front_model_hash)
+        if front.input_shape != (spec.window_hours, spec.num_channels) or front.feature_dim != spec.feature_dim:
+            raise WireError("malformed", f"front model shapes {front.input_shape}->{front.feature_dim} do not match the task")
+        self.tasks[spec.task_id] = ActiveTask(spec, front)
+        log.info("joined task %s (%r): epsilon %.3g per sample, %d rounds", spec.task_id[:12], spec.title, spec.epsilon, spec.rounds)
+
+    def _model_bytes(self, sha256: str) -> bytes:
+        path = self.model_dir / f"{sha256}.tflite"
+        if path.exists():
+            return path.read_bytes()  # FrontModel checks the hash again before use
+        data = self.fetch_artifact(sha256)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return data
+
+    def _on_round(self, rs: RoundStart) -> None:
+        task = self.tasks.get(rs.task_id)
+        if task is None or rs.round <= task.last_round:
+            return
+        task.last_round = rs.round
+        if self.identity.node_id not in rs.selected:
+            log.info("round %d of task %s: not selected", rs.round, rs.task_id[:12])
+            return
+        self.contribute(task, rs.round)
+
+    def _on_ack(self, ack: Ack) -> None:
+        if ack.device != self.identity.node_id:
+            raise WireError("malformed", "acknowledgement addressed to another device")
+        self.uplink.acknowledged([int(s) for s in ack.seqs])
+
+    # -- outbound ----------------------------------------------------------------------------
+    def contribute(self, task: ActiveTask, round_: int) -> int | None:
+        """Release ``samples_per_round`` fresh samples for a round; returns the spool seq."""
+        spec = task.spec
+        samples = samples_from_log(self.usage_log, spec)
+        fresh = np.flatnonzero(np.isin(samples.ids, self.state.unreleased(samples.ids)))
+        if len(fresh) == 0:
+            log.warning("round %d: no unreleased samples left in the usage log", round_)
+            return None
+        pick = self.rng.choice(fresh, size=min(spec.samples_per_round, len(fresh)), replace=False)
+        chosen = samples.take(np.sort(pick))
+        noisy = privatise_features(task.front(chosen.inputs), spec, self.rng)
+        labels = randomised_response(chosen.labels, spec.num_classes, spec.label_epsilon, self.rng)
+        batch = FeatureBatch(spec.task_id, round_, chosen.ids, noisy, labels.astype(np.int8), spec.epsilon, spec.clip_l1)
+        body = CODEC.encode(batch)
+        topic = feature_topic(short_id(self.edge.node_id), self.short)
+        seq = self.state.release(
+            spec.task_id, round_, chosen.ids, spec.epsilon, topic, lambda s: seal(body, self.identity, s, self.edge)
+        )
+        self.stats.contributions += 1
+        self.stats.samples_released += len(chosen)
+        log.info("round %d: released %d samples as seq %d (epsilon %.3g each)", round_, len(chosen), seq, spec.epsilon)
+        self.uplink.flush()
+        return seq
+
+    # -- loop --------------------------------------------------------------------------------
+    def step(self, timeout: float = 0.2) -> None:
+        try:
+            msg = self.link.inbox.get(timeout=timeout)
+        except queue.Empty:
+            msg = None
+        if msg is not None:
+            self.handle(msg)
+        self.uplink.flush()
+
+    def run(self, stop: threading.Event) -> None:
+        self.link.start()
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.uplink.flush()
+            self.link.stop()
+            self.state.close()
+            self.usage_log.close()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()

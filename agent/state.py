@@ -1,0 +1,160 @@
+"""The agent's durable state: the privacy ledger, the outgoing spool and the sequence counter.
+
+They share one SQLite file so that a release is one transaction: the samples are marked as
+released, the next sequence number is taken and the sealed envelope is put in the spool, or none
+of it happens. After a power cut either nothing left the device (and the samples are still
+unreleased) or the envelope is in the spool and is resent, byte for byte, until the edge server
+acknowledges it. A sample is never noised twice, so the noise cannot be averaged away.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crowdfl.errors import PrivacyError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS released (
+    sample_id INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    epsilon REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    released_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spool (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class SpoolFull(PrivacyError):
+    """The outgoing spool reached its bound; nothing new is released until the edge acknowledges."""
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    samples_released: int
+    max_epsilon_per_sample: float
+    total_epsilon: float  # sum over released samples (each sample's budget is independent)
+    by_task: dict[str, tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Spooled:
+    seq: int
+    topic: str
+    payload: bytes
+    attempts: int
+
+
+class AgentState:
+    def __init__(self, path: Path | str, max_spool_bytes: int = 64 * 1024 * 1024) -> None:
+        self.path = str(path)
+        self.max_spool_bytes = max_spool_bytes
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a release must survive a power cut
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def unreleased(self, sample_ids: np.ndarray) -> np.ndarray:
+        """The subset of ``sample_ids`` never released (order kept)."""
+        if len(sample_ids) == 0:
+            return sample_ids
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sample_id FROM released WHERE sample_id BETWEEN ? AND ?",
+                (int(sample_ids.min()), int(sample_ids.max())),
+            ).fetchall()
+        done = np.array([r[0] for r in rows], dtype=np.uint64)
+        return sample_ids[~np.isin(sample_ids, done)]
+
+    def spool_bytes(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM spool").fetchone()[0])
+
+    def release(
+        self,
+        task_id: str,
+        round_: int,
+        sample_ids: Iterable[int],
+        epsilon: float,
+        topic: str,
+        seal: Callable[[int], bytes],
+    ) -> int:
+        """Atomically record the release, take a sequence number and spool ``seal(seq)``."""
+        ids = [int(s) for s in sample_ids]
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                used = self._db.execute(
+                    f"SELECT COUNT(*) FROM released WHERE sample_id IN ({','.join('?' * len(ids))})", ids
+                ).fetchone()[0] if ids else 0
+                if used:
+                    raise PrivacyError("already_released", f"{used} of {len(ids)} samples were released before")
+                size = int(self._db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM spool").fetchone()[0])
+                if size >= self.max_spool_bytes:
+                    raise SpoolFull("spool_full", f"outgoing spool holds {size} bytes (limit {self.max_spool_bytes})")
+                row = self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()
+                seq = (row[0] if row else 0) + 1
+                self._db.execute("INSERT OR REPLACE INTO counters VALUES ('seq', ?)", (seq,))
+                self._db.executemany(
+                    "INSERT INTO released VALUES (?, ?, ?, ?, ?, ?)",
+                    [(s, task_id, round_, float(epsilon), seq, now) for s in ids],
+                )
+                payload = seal(seq)
+                self._db.execute("INSERT INTO spool (seq, topic, payload, created_at) VALUES (?, ?, ?, ?)", (seq, topic, payload, now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return seq
+
+    def pending(self, limit: int = 100) -> list[Spooled]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, topic, payload, attempts FROM spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [Spooled(int(r[0]), r[1], bytes(r[2]), int(r[3])) for r in rows]
+
+    def mark_attempt(self, seq: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE spool SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+
+    def acknowledge(self, seqs: Iterable[int]) -> int:
+        seqs = [int(s) for s in seqs]
+        if not seqs:
+            return 0
+        with self._lock:
+            before = self._db.total_changes
+            self._db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
+            return self._db.total_changes - before
+
+    def budget(self) -> BudgetReport:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_id, COUNT(*), SUM(epsilon), MAX(epsilon) FROM released GROUP BY task_id"
+            ).fetchall()
+        by_task = {r[0]: (int(r[1]), float(r[2])) for r in rows}
+        return BudgetReport(
+            samples_released=sum(v[0] for v in by_task.values()),
+            max_epsilon_per_sample=max((float(r[3]) for r in rows), default=0.0),
+            total_epsilon=sum(v[1] for v in by_task.values()),
+            by_task=by_task,
+        )
