@@ -1,0 +1,1 @@
+"""The manufacturer's coordinator: tasks, selection, robust aggregation, reputation, chain anchoring."""

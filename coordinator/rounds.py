@@ -1,0 +1,106 @@
+"""One round's logic, free of I/O: check an update, aggregate the round, build its manifest.
+
+The audit calls ``build_round`` again on what the store holds and compares the hashes, so this is
+the single definition of what a round's published model is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from crowdfl.backmodel import check_back_weights
+from crowdfl.errors import WireError
+from crowdfl.merkle import merkle_proof, merkle_root
+from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, TaskSpec, sha256_hex
+
+from .aggregation import AggregationRule, aggregate
+
+
+def check_update(update: ModelUpdate, spec: TaskSpec, round_: int, base_model_hash: str) -> None:
+    """Content checks of an authenticated update; raises WireError with the reason."""
+    if update.task_id != spec.task_id or update.round != round_:
+        raise WireError("wrong_round", f"update for round {update.round}, round {round_} is open")
+    if update.base_model_hash != base_model_hash:
+        raise WireError("wrong_base", "update was not trained from this round's global model")
+    try:
+        check_back_weights(update.weights, spec)
+    except ValueError as exc:
+        raise WireError("bad_weights", str(exc)) from None
+    if not 0 < update.num_samples <= spec.samples_per_round * spec.rounds:
+        raise WireError("bad_samples", f"num_samples {update.num_samples} is implausible")
+    if len(update.inputs_digest) != 64:
+        raise WireError("malformed", "inputs_digest must be a sha256 hex digest")
+
+
+def rule_params(rule: str, n: int, byzantine_fraction: float, trim_beta: float) -> dict[str, Any]:
+    """Parameters for ``rule`` with ``n`` candidate updates (recorded in the manifest)."""
+    r = AggregationRule(rule)
+    if r in (AggregationRule.KRUM, AggregationRule.MULTI_KRUM):
+        f = min(int(np.floor(byzantine_fraction * n)), max(0, (n - 3) // 2))
+        return {"f": f}
+    if r is AggregationRule.TRIMMED_MEAN:
+        return {"beta": trim_beta}
+    return {}
+
+
+@dataclass(frozen=True)
+class BuiltRound:
+    model: ModelWeights
+    model_bytes: bytes
+    manifest: RoundManifest
+    manifest_bytes: bytes
+    proofs: dict[str, list[str]]  # update hash -> Merkle siblings (hex)
+    kept: tuple[str, ...]
+
+
+def build_round(
+    spec: TaskSpec,
+    round_: int,
+    base_model_hash: str,
+    candidates: Sequence[tuple[str, ModelUpdate]],
+    invalid: Sequence[tuple[str, str]],
+    rule: str,
+    params: dict[str, Any],
+    evaluate: Callable[[list[np.ndarray]], float] | None = None,
+    accuracy: float | None = None,
+) -> BuiltRound:
+    """Aggregate the valid updates (in hash order) and describe the round in a manifest."""
+    if not candidates:
+        raise ValueError("a round needs at least one valid update")
+    ordered = sorted(candidates, key=lambda c: c[0])
+    hashes = [h for h, _ in ordered]
+    result = aggregate(rule, [list(u.weights) for _, u in ordered], [u.num_samples for _, u in ordered], **params)
+    kept = tuple(hashes[i] for i in result.kept)
+    weights = [np.asarray(w, dtype=np.float32) for w in result.weights]
+    model = ModelWeights(spec.task_id, round_, tuple(weights))
+    model_bytes = CODEC.encode(model)
+    if accuracy is None:
+        accuracy = evaluate(weights) if evaluate is not None else float("nan")
+    rejected = sorted(
+        [f"{h}:invalid:{reason}" for h, reason in invalid]
+        + [f"{h}:excluded_by_{result.rule}" for h in hashes if h not in kept]
+    )
+    leaves = sorted(hashes + [h for h, _ in invalid])
+    leaf_bytes = [bytes.fromhex(h) for h in leaves]
+    root = merkle_root(leaf_bytes)
+    manifest = RoundManifest(
+        task_id=spec.task_id,
+        round=round_,
+        base_model_hash=base_model_hash,
+        model_hash=sha256_hex(model_bytes),
+        rule=str(result.rule),
+        rule_params=json.dumps(result.params, sort_keys=True, separators=(",", ":")),
+        updates=tuple(leaves),
+        candidates=tuple(hashes),
+        accepted=kept,
+        rejected=tuple(rejected),
+        merkle_root=root.hex(),
+        held_out_accuracy=float(accuracy),
+    )
+    proofs = {h: [p.hex() for p in merkle_proof(leaf_bytes, i)] for i, h in enumerate(leaves)}
+    return BuiltRound(model, model_bytes, manifest, CODEC.encode(manifest), proofs, kept)

@@ -1,0 +1,140 @@
+"""coordinator.service + rounds + audit on the embedded chain: intake checks, closing, anchoring, audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.audit import audit_model
+from coordinator.chain import ChainConfig, connect
+from coordinator.contracts import CrowdContracts
+from coordinator.db import make_sessions
+from coordinator.service import Coordinator
+from coordinator.store import LocalContentStore
+from crowdfl.backmodel import initial_back_weights
+from crowdfl.envelope import seal
+from crowdfl.identity import Identity
+from crowdfl.merkle import verify_proof
+from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, sha256_hex
+from tests.helpers import make_spec
+
+
+@pytest.fixture
+def world(tmp_path: Path):  # type: ignore[no-untyped-def]
+    spec0 = make_spec(rounds=2)
+    initial = ModelWeights(spec0.task_id, 0, tuple(initial_back_weights(spec0, 1)))
+    front = b"front-model-bytes"
+    from dataclasses import replace
+
+    spec = replace(spec0, initial_model_hash=sha256_hex(CODEC.encode(initial)), front_model_hash=sha256_hex(front))
+    contracts = CrowdContracts.deploy(connect(ChainConfig(kind="embedded")))
+    store = LocalContentStore(tmp_path / "store")
+    published: list[tuple[str, bytes, bool]] = []
+    coord = Coordinator(Identity.generate(), make_sessions(f"sqlite:///{tmp_path / 'c.sqlite'}"), store, contracts,
+                        lambda t, p, r: published.append((t, p, r)), evaluate=lambda w: 0.5)
+    edge = Identity.generate()
+    devices = [Identity.generate() for _ in range(4)]
+    coord.register([(edge.public, "edge", None, None)] + [(d.public, "device", edge.node_id, None) for d in devices])
+    coord.publish_task(spec, front, initial)
+    return coord, spec, edge, devices, store, contracts, published
+
+
+def update_env(edge: Identity, spec, round_: int, customer: str, base: str, scale: float, seq: int, n: int = 10) -> bytes:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seq)
+    weights = tuple((w + scale * rng.standard_normal(w.shape)).astype(np.float32) for w in initial_back_weights(spec, 1))
+    mu = ModelUpdate(spec.task_id, round_, customer, base, weights, n, "ab" * 32, 0.1)
+    return seal(CODEC.encode(mu), edge, seq)
+
+
+def test_intake_accepts_dedupes_and_rejects_with_reasons(world) -> None:  # type: ignore[no-untyped-def]
+    coord, spec, edge, devices, store, contracts, published = world
+    rs = coord.open_round(spec.task_id, 1)
+    env = update_env(edge, spec, 1, devices[0].node_id, rs.global_model_hash, 0.1, 1)
+    assert coord.receive_update(env).status == "received"
+    assert coord.receive_update(env).status == "duplicate"
+    other = update_env(edge, spec, 1, devices[0].node_id, rs.global_model_hash, 0.2, 2)
+    r = coord.receive_update(other)
+    assert (r.http_status, r.detail.split(":")[0]) == (409, "conflict")
+    stranger_edge = Identity.generate()
+    assert coord.receive_update(update_env(stranger_edge, spec, 1, devices[1].node_id, rs.global_model_hash, 0.1, 3)).http_status == 403
+    wrong_base = coord.receive_update(update_env(edge, spec, 1, devices[1].node_id, "00" * 32, 0.1, 4))
+    assert (wrong_base.http_status, wrong_base.detail.split(":")[0]) == (422, "wrong_base")
+    bad = bytearray(update_env(edge, spec, 1, devices[2].node_id, rs.global_model_hash, 0.1, 5))
+    bad[-1] ^= 1
+    assert coord.receive_update(bytes(bad)).http_status == 403
+    assert coord.receive_update(b"\x00" * 10).http_status == 400
+    # the round's retained start message went out signed
+    assert any(t.endswith("/round") and retain for t, _, retain in published)
+
+
+def test_rounds_close_anchor_and_audit(world) -> None:  # type: ignore[no-untyped-def]
+    coord, spec, edge, devices, store, contracts, _ = world
+    seq = 10
+    for r in (1, 2):
+        rs = coord.open_round(spec.task_id, r)
+        for d in devices:
+            seq += 1
+            assert coord.receive_update(update_env(edge, spec, r, d.node_id, rs.global_model_hash, 0.05, seq)).status == "received"
+        if r == 2:  # one invalid update from the registered edge is recorded and anchored as rejected
+            coord.receive_update(update_env(edge, spec, 2, Identity.generate().node_id, rs.global_model_hash, 0.05, 99))
+        summary = coord.close_round(spec.task_id, r)
+        anchored = coord.anchor_pending()
+        assert [a.round for a in anchored] == [r]
+        assert anchored[0].gas_used > 0
+    assert (summary.accepted, summary.rejected) == (4, 1)
+    # a customer's Merkle proof checks against the root anchored on chain
+    p = coord.proof(spec.task_id, 2, devices[0].node_id)
+    assert p is not None
+    root = bytes.fromhex(p["merkle_root"])
+    assert verify_proof(bytes.fromhex(p["update_hash"]), [bytes.fromhex(x) for x in p["proof"]], root)
+    assert contracts.verify_inclusion(bytes.fromhex(spec.task_id), 2, bytes.fromhex(p["update_hash"]), [bytes.fromhex(x) for x in p["proof"]])
+    # FedAvg over the accepted updates, weighted by samples, is what was published
+    model = CODEC.decode(store.get(summary.model_hash), ModelWeights)
+    assert model.round == 2
+
+    report = audit_model(contracts, store, summary.model_hash)
+    assert report.ok, report.lines()
+    assert [len(r.updates) for r in report.rounds] == [4, 5]
+    assert any("unknown_customer" in u.reason for u in report.rounds[1].updates)
+
+    # closing again or anchoring again changes nothing
+    assert coord.close_round(spec.task_id, 2).model_hash == summary.model_hash
+    assert coord.anchor_pending() == []
+
+
+def test_audit_detects_a_tampered_store(world) -> None:  # type: ignore[no-untyped-def]
+    coord, spec, edge, devices, store, contracts, _ = world
+    rs = coord.open_round(spec.task_id, 1)
+    for i, d in enumerate(devices):
+        coord.receive_update(update_env(edge, spec, 1, d.node_id, rs.global_model_hash, 0.05, 50 + i))
+    summary = coord.close_round(spec.task_id, 1)
+    coord.anchor_pending()
+    assert audit_model(contracts, store, summary.model_hash).ok
+    manifest = coord.rounds(spec.task_id)[0]
+    # replace one accepted update's bytes: the store entry no longer matches its address
+    upd = coord.proof(spec.task_id, 1, devices[1].node_id)["update_hash"]  # type: ignore[index]
+    path = store.path(upd)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = audit_model(contracts, store, summary.model_hash)
+    assert not report.ok
+    assert any("altered" in p for r in report.rounds for p in r.problems)
+    assert manifest["status"] == "anchored"
+
+
+def test_audit_detects_a_model_that_is_not_the_aggregate(world) -> None:  # type: ignore[no-untyped-def]
+    coord, spec, edge, devices, store, contracts, _ = world
+    rs = coord.open_round(spec.task_id, 1)
+    for i, d in enumerate(devices):
+        coord.receive_update(update_env(edge, spec, 1, d.node_id, rs.global_model_hash, 0.05, 70 + i))
+    summary = coord.close_round(spec.task_id, 1)
+    coord.anchor_pending()
+    # a forged "global model" for the same task and round, put into the store by someone
+    forged = ModelWeights(spec.task_id, 1, tuple(initial_back_weights(spec, 2)))
+    forged_hash = store.put(CODEC.encode(forged))
+    report = audit_model(contracts, store, forged_hash)
+    assert not report.ok and any("not this one" in p for p in report.problems)
+    assert audit_model(contracts, store, summary.model_hash).ok
