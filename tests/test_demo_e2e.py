@@ -1,0 +1,35 @@
+"""The main job end to end on the embedded parts: learning improves and provenance verifies."""
+
+from __future__ import annotations
+
+import io
+import re
+import socket
+
+import pytest
+
+from crowdfl.sim.demo import DemoOptions, run_demo
+
+
+@pytest.mark.slow
+def test_small_demo_learns_anchors_and_verifies() -> None:
+    out = io.StringIO()
+    result = run_demo(DemoOptions(agents=6, edges=2, rounds=3, samples_per_round=96, history_days=35, seed=3), out)
+    text = out.getvalue()
+    assert len(result.rounds) == 3
+    first, last = result.rounds[0], result.rounds[-1]
+    assert last.accuracy > first.accuracy, text
+    assert last.accuracy > 0.3, text  # four classes: uniform guessing scores 0.25
+    for r in result.rounds:
+        assert (r.selected, r.accepted, r.rejected) == (6, 6, 0)
+        assert r.gas_used > 0 and r.block_number > 0
+    assert [b.block_number for b in result.rounds] == sorted({b.block_number for b in result.rounds})
+    assert result.audit_ok, "\n".join(result.audit_lines)
+    assert result.samples_released == 6 * 3 * 96
+    assert not result.messages_rejected
+    # one line per round with accuracy, participants, accepted/rejected and gas
+    assert len(re.findall(r"^\s+\d\s+0\.\d{3}\s+6/6\s+6\s+0\s+\d{5,}", text, re.M)) == 3, text
+    # everything it started is gone: no listener left on the ports it used
+    for port in re.findall(r"127\.0\.0\.1:(\d+)", text):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", int(port))) != 0, f"port {port} still open"
