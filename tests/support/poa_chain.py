@@ -1,0 +1,376 @@
+"""A real Clique proof-of-authority chain for the slow tests: ``@ethereumjs/client`` 0.9.0.
+
+Install once (nothing is installed at run time): ``npm ci --prefix tests/support/ethereumjs``.
+0.9.0 is pinned exactly: 0.10.x seals only empty blocks (see shared/dependency-notes.md).
+
+Three shapes:
+
+* :func:`start_dev_chain` - ``--dev=poa``: the client makes a signer, prints its key on stdout
+  and prefunds it; chain id 123456, 10 s blocks (fixed by the client).
+* :func:`start_clique_chain` with ``sealers=1`` - our own geth-style genesis (chain id 424242,
+  ``period_s`` blocks, default 1 s) sealed by a key we generate and pass with ``--unlock``.
+* :func:`start_clique_chain` with ``sealers=2`` - two nodes, one signer each, peered over
+  loopback RLPx; Clique only lets a signer seal every other block, so the chain moves only
+  while both nodes talk.
+
+Every node runs with ``node --require ethereumjs/preload.cjs``: it rebinds the client's
+hard-coded ``0.0.0.0`` listeners (RLPx TCP, discovery UDP) to 127.0.0.1, refuses any
+non-loopback outbound connection, and fixes 0.9.0's ``--unlock <file>`` crash. Discovery is
+off (``--discDns=false --discV4=false``, ``--dnsAddr 127.0.0.1``), RPC and p2p listen on free
+loopback ports, data lives in a temporary folder, and :meth:`PoaChain.stop` kills each node's
+process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+
+from coordinator.chain import ChainConfig
+from tests.support.realparts import free_ports, require_real_part
+
+HOST = "127.0.0.1"
+NODE_DIR = Path(__file__).resolve().parent / "ethereumjs"
+CLI = NODE_DIR / "node_modules" / "@ethereumjs" / "client" / "dist" / "bin" / "cli.js"
+PRELOAD = NODE_DIR / "preload.cjs"
+PINNED_VERSION = "0.9.0"
+DEV_CHAIN_ID = 123456
+DEV_PERIOD_S = 10
+CLIQUE_CHAIN_ID = 424242
+# 0.9.0 crashes on eth_gasPrice after a few blocks: the chain's base fee is 7 wei, so 1 gwei is plenty.
+GAS_PRICE_WEI = 10**9
+_KEY_RE = re.compile(r"Private key: (0x[0-9a-fA-F]{64})")
+_ENODE_RE = re.compile(r"url=(enode://[0-9a-f]{128}@127\.0\.0\.1:\d+)")
+_RPC_UP = "Started JSON RPC Server"
+
+
+@dataclass
+class PoaNode:
+    """One running client process (its own session, so its whole group can be killed)."""
+
+    proc: subprocess.Popen[bytes]
+    rpc_port: int
+    p2p_port: int
+    data_dir: Path
+    log_path: Path
+
+    @property
+    def rpc_url(self) -> str:
+        return f"http://{HOST}:{self.rpc_port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """SIGTERM the process group, then SIGKILL: the client needs ~6 s to stop cleanly and
+        its throwaway data dir is not worth the wait."""
+        if self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+
+
+@dataclass
+class PoaChain:
+    """A running chain and what a test needs to use it."""
+
+    mode: str
+    chain_id: int
+    private_key: str  # a prefunded signer key, 0x hex
+    signers: list[str]
+    block_period_s: int
+    nodes: list[PoaNode] = field(default_factory=list)
+    started_in_s: float = 0.0
+
+    @property
+    def rpc_url(self) -> str:
+        return self.nodes[0].rpc_url
+
+    def chain_config(self, **overrides: Any) -> ChainConfig:
+        """ChainConfig for coordinator.chain: rpc, PoA middleware, hand-set gas price."""
+        settings: dict[str, Any] = {
+            "kind": "rpc",
+            "rpc_url": self.rpc_url,
+            "private_key": self.private_key,
+            "chain_id": self.chain_id,
+            "poa": True,
+            "gas_price_wei": GAS_PRICE_WEI,
+            "confirmations": 1,
+            "receipt_timeout_s": max(60.0, 6.0 * self.block_period_s),
+            "poll_interval_s": min(0.25, self.block_period_s / 4),
+        }
+        settings.update(overrides)
+        return ChainConfig(**settings)
+
+    def rpc(self, method: str, params: list[Any], node: int = 0) -> Any:
+        """Raw JSON-RPC, for checks below web3 (e.g. extraData length)."""
+        return _rpc(self.nodes[node].rpc_url, method, params)
+
+    def log_text(self) -> str:
+        return "\n".join(f"--- node {i}\n{n.log_text()}" for i, n in enumerate(self.nodes))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def ethereumjs_missing() -> str | None:
+    """Why the client cannot run here, or None when it can."""
+    if shutil.which("node") is None:
+        return "node is not on PATH"
+    if not CLI.is_file():
+        return "tests/support/ethereumjs/node_modules missing: run `npm ci --prefix tests/support/ethereumjs`"
+    version = json.loads((CLI.parents[2] / "package.json").read_text())["version"]
+    if version != PINNED_VERSION:
+        return f"@ethereumjs/client {version} installed, {PINNED_VERSION} required"
+    return None
+
+
+def start_dev_chain(work_dir: Path, timeout_s: float = 90.0) -> PoaChain:
+    """``--dev=poa``: one signer made by the client; its key is read from the client's stdout."""
+    began = time.monotonic()
+    node = _start_node(work_dir / "dev", ["--dev=poa", "--maxPeers", "0"])
+    chain = PoaChain("dev", DEV_CHAIN_ID, "", [], DEV_PERIOD_S, [node])
+    try:
+        text = _wait_for_log(node, _RPC_UP, timeout_s)
+        found = _KEY_RE.search(text)
+        if found is None:
+            raise RuntimeError("dev chain printed no signer key")
+        chain.private_key = found.group(1)
+        chain.signers = [Account.from_key(chain.private_key).address]
+        _wait_for_rpc(node, timeout_s)
+        _wait_for_block(chain, 1, timeout_s)
+    except BaseException:
+        chain.stop()
+        raise
+    chain.started_in_s = time.monotonic() - began
+    return chain
+
+
+def start_clique_chain(work_dir: Path, sealers: int = 1, period_s: int = 1, timeout_s: float = 90.0) -> PoaChain:
+    """A Clique network from our own genesis; ``sealers`` nodes, one signer key each."""
+    if sealers not in (1, 2):
+        raise ValueError("sealers must be 1 or 2")
+    began = time.monotonic()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    keys = [Account.create() for _ in range(sealers)]
+    signers = sorted((k.address for k in keys), key=str.lower)
+    genesis = work_dir / "crowdfl.json"  # the client names the chain after the file
+    genesis.write_text(json.dumps(_genesis(signers, period_s)), encoding="utf-8")
+    chain = PoaChain(
+        f"clique-{sealers}", CLIQUE_CHAIN_ID, "0x" + keys[0].key.hex().removeprefix("0x"), signers, period_s
+    )
+    try:
+        bootnode: str | None = None
+        for i, key in enumerate(keys):
+            key_file = work_dir / f"signer{i}.key"
+            key_file.write_text(key.key.hex().removeprefix("0x"), encoding="utf-8")  # the client wants no 0x
+            key_file.chmod(0o600)
+            args = ["--gethGenesis", str(genesis), "--unlock", str(key_file), "--mine", "--isSingleNode"]
+            args += ["--maxPeers", str(sealers - 1)]
+            if bootnode is not None:
+                args += ["--bootnodes", bootnode]
+            node = _start_node(work_dir / f"node{i}", args)
+            chain.nodes.append(node)
+            text = _wait_for_log(node, _RPC_UP, timeout_s)
+            enode = _ENODE_RE.search(text)
+            bootnode = enode.group(1) if enode else None
+        for node in chain.nodes:
+            _wait_for_rpc(node, timeout_s)
+        # Block 3 needs both signers when there are two (Clique: one block per signer in a row),
+        # so reaching it proves the peer link.
+        _wait_for_block(chain, 1 if sealers == 1 else 3, timeout_s)
+    except BaseException:
+        chain.stop()
+        raise
+    chain.started_in_s = time.monotonic() - began
+    return chain
+
+
+@pytest.fixture(scope="module")
+def clique_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoaChain]:
+    """One-signer Clique chain with 1 s blocks, shared by a test module."""
+    _require()
+    chain = start_clique_chain(tmp_path_factory.mktemp("clique1"), sealers=1, period_s=1)
+    try:
+        yield chain
+    finally:
+        chain.stop()
+
+
+@pytest.fixture(scope="module")
+def clique_two_sealers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoaChain]:
+    """Two nodes, two signers, 1 s blocks."""
+    _require()
+    chain = start_clique_chain(tmp_path_factory.mktemp("clique2"), sealers=2, period_s=1)
+    try:
+        yield chain
+    finally:
+        chain.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoaChain]:
+    """The client's own ``--dev=poa`` chain (10 s blocks)."""
+    _require()
+    chain = start_dev_chain(tmp_path_factory.mktemp("devpoa"))
+    try:
+        yield chain
+    finally:
+        chain.stop()
+
+
+# ---------------------------------------------------------------- internals
+
+
+def _require() -> None:
+    reason = ethereumjs_missing()
+    require_real_part("@ethereumjs/client", reason is None, reason or "")
+
+
+def _genesis(signers: list[str], period_s: int) -> dict[str, Any]:
+    zero32 = "00" * 32
+    return {
+        "config": {
+            "chainId": CLIQUE_CHAIN_ID,
+            **{f"{fork}Block": 0 for fork in _FORKS},
+            "clique": {"period": period_s, "epoch": 30000},
+        },
+        "nonce": "0x0",
+        "timestamp": hex(int(time.time())),
+        "gasLimit": hex(30_000_000),
+        "difficulty": "0x1",
+        "mixHash": "0x" + zero32,
+        "coinbase": "0x" + "00" * 20,
+        "number": "0x0",
+        "gasUsed": "0x0",
+        "parentHash": "0x" + zero32,
+        "baseFeePerGas": "0x7",
+        # Clique: 32 vanity bytes, the signer addresses, 65 bytes for the (absent) seal.
+        "extraData": "0x" + zero32 + "".join(s[2:].lower() for s in signers) + "00" * 65,
+        "alloc": {s[2:].lower(): {"balance": hex(10**24)} for s in signers},
+    }
+
+
+_FORKS = (
+    "homestead",
+    "eip150",
+    "eip155",
+    "eip158",
+    "byzantium",
+    "constantinople",
+    "petersburg",
+    "istanbul",
+    "berlin",
+    "london",
+)
+
+
+def _start_node(data_dir: Path, extra: list[str]) -> PoaNode:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rpc_port, p2p_port = free_ports(2, HOST)
+    args = [
+        shutil.which("node") or "node",
+        "--require",
+        str(PRELOAD),
+        str(CLI),
+        *extra,
+        "--rpc",
+        "--rpcAddr",
+        HOST,
+        "--rpcPort",
+        str(rpc_port),
+        "--port",
+        str(p2p_port),
+        "--extIP",
+        HOST,
+        "--discDns=false",
+        "--discV4=false",
+        "--dnsAddr",
+        HOST,
+        "--dataDir",
+        str(data_dir),
+        "--logFile=false",
+        "--logLevel",
+        "info",
+    ]
+    log_path = data_dir / "client.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=data_dir,
+            start_new_session=True,  # own process group: stop() kills everything it spawned
+        )
+    return PoaNode(proc, rpc_port, p2p_port, data_dir, log_path)
+
+
+def _wait_for_log(node: PoaNode, marker: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = node.log_text() if node.log_path.exists() else ""
+        if marker in text:
+            return text
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"client exited ({node.proc.returncode}) before {marker!r}:\n{text[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {marker!r} from the client after {timeout_s:.0f} s:\n{text[-3000:]}")
+        time.sleep(0.1)
+
+
+def _wait_for_rpc(node: PoaNode, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _rpc(node.rpc_url, "eth_blockNumber", [])
+            return
+        except OSError:
+            if node.proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _wait_for_block(chain: PoaChain, number: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while int(chain.rpc("eth_blockNumber", []), 16) < number:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"chain stuck below block {number}:\n{chain.log_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def _rpc(url: str, method: str, params: list[Any]) -> Any:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    with opener.open(request, timeout=10) as response:
+        reply = json.loads(response.read())
+    if "error" in reply:
+        raise RuntimeError(f"{method}: {reply['error']}")
+    return reply["result"]
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # pgid == pid: the node was started in its own session
+    except ProcessLookupError:
+        pass
