@@ -1,0 +1,18 @@
+# The two commands of the README. Each installs what it needs first (idempotent).
+.PHONY: demo test test-fast
+
+demo:
+	scripts/bootstrap.sh
+	.venv/bin/crowdfl demo
+
+# everything, including the real parts (mosquitto, PostgreSQL, the EthereumJS PoA chain, systemd-analyze);
+# the system packages need root (apt-get)
+test:
+	bash .ci/install-system.sh
+	scripts/bootstrap.sh --tests
+	.venv/bin/python -m pytest -q -ra
+
+# the embedded-parts tests only (no root needed)
+test-fast:
+	scripts/bootstrap.sh
+	.venv/bin/python -m pytest -q -ra -m "not realpart and not slow"
