@@ -23,7 +23,7 @@ from crowdfl.runtime import setup_logging, stop_on_signals
 from .config import AgentConfig, load
 from .privacy import PrivacyPolicy
 from .service import Agent
-from .sources import SimulatedSource, read_json_lines
+from .sources import PlugMqttSource, SimulatedSource, UsageSource, read_json_lines
 from .state import AgentState
 from .usage_log import Retention, UsageLog
 
@@ -92,32 +92,77 @@ def _with_username(m: MqttSettings, user: str) -> MqttSettings:
     return replace(m, username=user)
 
 
-def _poll_sources(cfg: AgentConfig, agent: Agent, stop: threading.Event) -> None:
-    """Feed the usage log from the configured source and apply retention, once a minute."""
-    if cfg.source.kind != "simulated":
-        return  # jsonl is a one-off `import`; live plug telemetry arrives through its own source
-    profile = sample_profile(f"sim-{agent.short}", np.random.default_rng(cfg.source.seed))
-    now = time.time()
-    start = datetime.fromtimestamp(now - now % cfg.source.interval_s - 28 * 86400, UTC)
-    source = SimulatedSource(profile, start, cfg.source.interval_s, cfg.source.seed)
-    while not stop.is_set():
+def build_sources(cfg: AgentConfig, short: str) -> list[UsageSource]:
+    """The configured sensor readers: a simulated household and/or the home's smart plugs."""
+    sources: list[UsageSource] = []
+    if cfg.source.kind == "simulated":
+        profile = sample_profile(f"sim-{short}", np.random.default_rng(cfg.source.seed))
+        now = time.time()
+        start = datetime.fromtimestamp(now - now % cfg.source.interval_s - 28 * 86400, UTC)
+        sources.append(SimulatedSource(profile, start, cfg.source.interval_s, cfg.source.seed))
+    # jsonl is a one-off `import`; live plug telemetry arrives through its own source
+    if cfg.plugs:
+        sources.append(PlugMqttSource(cfg.plug_mqtt, cfg.plugs, f"agent-plugs-{short}"))
+    return sources
+
+
+def drain_sources(sources: list[UsageSource], usage: UsageLog) -> int:
+    """Move what every source has into the usage log; a failing source is logged and skipped."""
+    stored = 0
+    for src in sources:
         try:
-            agent.usage_log.append(source.poll(time.time()))
-            agent.usage_log.prune()
+            reports = src.poll(time.time())
+            if reports:
+                stored += usage.append(reports)
         except Exception:
-            log.exception("usage source failed; retrying")
-        stop.wait(60)
+            log.exception("usage source %s failed; retrying", type(src).__name__)
+    return stored
+
+
+def poll_sources(sources: list[UsageSource], usage: UsageLog, stop: threading.Event, poll_s: float, prune_every_s: float = 60.0) -> None:
+    """Feed the usage log from the sources every ``poll_s`` and apply retention once a minute."""
+    last_prune = 0.0
+    while not stop.is_set():
+        drain_sources(sources, usage)
+        if time.monotonic() - last_prune > prune_every_s:
+            last_prune = time.monotonic()
+            try:
+                usage.prune()
+            except Exception:
+                log.exception("usage log retention failed; retrying")
+        stop.wait(poll_s)
 
 
 def run(cfg: AgentConfig) -> int:
+    stop = stop_on_signals()  # first, so a SIGTERM during start-up still ends in a clean stop
     ident, created = Identity.load_or_create(cfg.key_file)
     if created:
         log.info("first boot: generated keys for node %s (run `crowdfl-agent provision` to print them)", ident.node_id)
     agent = build_agent(cfg, ident)
-    stop = stop_on_signals()
-    threading.Thread(target=_poll_sources, args=(cfg, agent, stop), name="sources", daemon=True).start()
-    log.info("agent %s running; broker %s:%d, edge %s", agent.short, cfg.mqtt.host, cfg.mqtt.port, agent.edge.node_id[:16])
-    agent.run(stop)  # returns after flushing the spool and closing the databases
+    sources = build_sources(cfg, agent.short)
+    for src in sources:
+        src.open()
+    feeder = threading.Thread(
+        target=poll_sources, args=(sources, agent.usage_log, stop, cfg.source.poll_s), name="sources", daemon=True
+    )
+    feeder.start()
+
+    def _stop_sources() -> None:
+        stop.set()
+        feeder.join(timeout=10)
+        for src in sources:
+            try:
+                src.close()
+            except Exception:
+                log.exception("closing usage source %s failed", type(src).__name__)
+        drain_sources(sources, agent.usage_log)  # what arrived before the close is kept
+
+    log.info(
+        "agent %s running; broker %s:%d, edge %s, %d plug(s)",
+        agent.short, cfg.mqtt.host, cfg.mqtt.port, agent.edge.node_id[:16], len(cfg.plugs),
+    )
+    # returns after draining the spool (bounded), stopping the sources and closing the databases
+    agent.run(stop, cfg.shutdown_grace_s, _stop_sources)
     log.info("agent stopped cleanly")
     return 0
 

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crowdfl.config import load_config
+from crowdfl.household import DEVICE_KINDS
 from crowdfl.mqtt import MqttSettings
+
+PLUG_FIRMWARES = ("tasmota", "shelly_gen1", "shelly_gen2")
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,51 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class SourceSettings:
-    kind: str = "simulated"  # simulated | jsonl (tasmota/shelly MQTT: see agent.sources)
+    kind: str = "simulated"  # simulated | jsonl | none ([[plugs]] add live Tasmota/Shelly telemetry)
     seed: int = 0
     interval_s: int = 900
     path: Path | None = None
+    poll_s: float = 5.0  # how often the sources are drained into the usage log
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("simulated", "jsonl", "none"):
+            raise ValueError(f"source.kind must be simulated, jsonl or none, got {self.kind!r}")
+        if not 0.05 <= self.poll_s <= 3600:
+            raise ValueError(f"source.poll_s must be in [0.05, 3600], got {self.poll_s}")
+
+
+@dataclass(frozen=True)
+class PlugSettings:
+    """One smart plug on the home's MQTT broker and the device kind it powers (``[[plugs]]``).
+
+    ``topic`` is the Tasmota ``%topic%`` (``tele/<topic>/SENSOR``), the Shelly Gen1 device id
+    (``shellies/<topic>/relay/<channel>/...``) or the Shelly Gen2+ topic prefix
+    (``<topic>/status/switch:<channel>``).
+    """
+
+    topic: str
+    kind: str
+    firmware: str = "tasmota"  # tasmota | shelly_gen1 | shelly_gen2
+    channel: int = 0  # Shelly relay/switch index
+    device_id: str = ""  # the name in the usage log; default "<firmware>:<topic>"
+
+    def __post_init__(self) -> None:
+        if self.firmware not in PLUG_FIRMWARES:
+            raise ValueError(f"plug {self.topic!r}: firmware must be one of {', '.join(PLUG_FIRMWARES)}, got {self.firmware!r}")
+        if self.kind not in DEVICE_KINDS:
+            raise ValueError(f"plug {self.topic!r}: kind must be one of {', '.join(DEVICE_KINDS)}, got {self.kind!r}")
+        if not self.topic or len(self.topic) > 128 or any(c in self.topic for c in "+#\x00") or self.topic.strip("/") != self.topic:
+            raise ValueError(f"plug topic {self.topic!r} must be 1..128 characters without MQTT wildcards or leading/trailing '/'")
+        if self.firmware != "shelly_gen2" and "/" in self.topic:
+            raise ValueError(f"plug topic {self.topic!r}: a {self.firmware} topic is one level (no '/')")
+        if not 0 <= self.channel < 16:
+            raise ValueError(f"plug {self.topic!r}: channel must be in 0..15, got {self.channel}")
+        if len(self.device_id) > 128:
+            raise ValueError(f"plug {self.topic!r}: device_id longer than 128 characters")
+
+    @property
+    def log_id(self) -> str:
+        return self.device_id or f"{self.firmware}:{self.topic}"
 
 
 @dataclass(frozen=True)
@@ -47,8 +91,25 @@ class AgentConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     log: LogSettings = field(default_factory=LogSettings)
     source: SourceSettings = field(default_factory=SourceSettings)
+    plug_mqtt: MqttSettings = field(default_factory=MqttSettings)  # the home's broker, where the plugs publish
+    plugs: tuple[PlugSettings, ...] = ()
     max_spool_mb: float = 64.0
     resend_after_s: float = 30.0
+    shutdown_grace_s: float = 5.0  # on SIGTERM: how long to wait for the edge to acknowledge the spool
+
+    def __post_init__(self) -> None:
+        seen: dict[tuple[str, str, int], str] = {}
+        ids: set[str] = set()
+        for p in self.plugs:
+            key = (p.firmware, p.topic, p.channel)
+            if key in seen:
+                raise ValueError(f"plugs: {p.firmware} topic {p.topic!r} channel {p.channel} is configured twice")
+            seen[key] = p.kind
+            if p.log_id in ids:
+                raise ValueError(f"plugs: device_id {p.log_id!r} is used twice")
+            ids.add(p.log_id)
+        if not 0 <= self.shutdown_grace_s <= 25:
+            raise ValueError("shutdown_grace_s must be in [0, 25] (systemd stops the unit after 30 s)")
 
     @property
     def key_file(self) -> Path:

@@ -75,6 +75,7 @@ class Agent:
         self.policy = policy
         self.rng = rng
         self.tasks: dict[str, ActiveTask] = {}
+        self._unjoined: dict[str, TaskSpec] = {}  # verified specs whose front model could not be fetched yet
         self.stats = AgentStats()
         self.short = short_id(identity.node_id)
 
@@ -113,7 +114,14 @@ class Agent:
             self.stats.refused_tasks += 1
             log.warning("refused task %s: %s", spec.task_id[:12], exc.detail)
             return
-        front = FrontModel(self._model_bytes(spec.front_model_hash), spec.front_model_hash)
+        try:
+            front = FrontModel(self._model_bytes(spec.front_model_hash), spec.front_model_hash)
+        except CrowdflError:
+            # e.g. the coordinator is unreachable at boot: the (retained) task is not sent again,
+            # so keep the verified spec and retry when one of its rounds starts
+            self._unjoined[spec.task_id] = spec
+            raise
+        self._unjoined.pop(spec.task_id, None)
         if front.input_shape != (spec.window_hours, spec.num_channels) or front.feature_dim != spec.feature_dim:
             raise WireError("malformed", f"front model shapes {front.input_shape}->{front.feature_dim} do not match the task")
         self.tasks[spec.task_id] = ActiveTask(spec, front)
@@ -131,12 +139,19 @@ class Agent:
         return data
 
     def _on_round(self, rs: RoundStart) -> None:
+        if rs.task_id not in self.tasks and rs.task_id in self._unjoined:
+            self._on_task(self._unjoined[rs.task_id])
         task = self.tasks.get(rs.task_id)
         if task is None or rs.round <= task.last_round:
             return
         task.last_round = rs.round
         if self.identity.node_id not in rs.selected:
             log.info("round %d of task %s: not selected", rs.round, rs.task_id[:12])
+            return
+        done = self.state.released_in_round(rs.task_id, rs.round)
+        if done:
+            # the retained RoundStart is delivered again after a restart; the spool resends the batch
+            log.info("round %d of task %s: already contributed %d samples", rs.round, rs.task_id[:12], done)
             return
         self.contribute(task, rs.round)
 
@@ -180,16 +195,42 @@ class Agent:
             self.handle(msg)
         self.uplink.flush()
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, shutdown_grace_s: float = 0.0, before_close: Callable[[], None] | None = None) -> None:
+        """Serve until ``stop``; then give the edge ``shutdown_grace_s`` to acknowledge the spool.
+
+        Whatever is still unacknowledged stays in the spool and is resent on the next start.
+        ``before_close`` runs after the network loop ends and before the databases close (the
+        caller stops its threads that write to them there).
+        """
         self.link.start()
         try:
             while not stop.is_set():
                 self.step()
+            self.drain_spool(shutdown_grace_s)
         finally:
-            self.uplink.flush()
-            self.link.stop()
-            self.state.close()
-            self.usage_log.close()
+            try:
+                self.link.stop()
+                if before_close is not None:
+                    before_close()
+            finally:
+                self.state.close()
+                self.usage_log.close()
+
+    def drain_spool(self, timeout_s: float) -> int:
+        """Keep publishing and taking acknowledgements until the spool is empty or time is up; returns what is left.
+
+        Waits for the broker connection too (a stop right after start-up still flushes when it can).
+        """
+        end = time.monotonic() + timeout_s
+        while self.state.pending(limit=1) and time.monotonic() < end:
+            if self.link.connected.is_set():
+                self.step(timeout=min(0.1, max(0.0, end - time.monotonic())))
+            else:
+                time.sleep(0.05)
+        left = len(self.state.pending(limit=1_000_000))
+        if left:
+            log.warning("stopping with %d unacknowledged envelope(s) in the spool; they are resent on the next start", left)
+        return left
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS spool (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS released_round ON released (task_id, round);
 """
 
 
@@ -85,6 +86,13 @@ class AgentState:
             ).fetchall()
         done = np.array([r[0] for r in rows], dtype=np.uint64)
         return sample_ids[~np.isin(sample_ids, done)]
+
+    def released_in_round(self, task_id: str, round_: int) -> int:
+        """How many samples this device released for a round (after a restart: do not contribute twice)."""
+        with self._lock:
+            return int(self._db.execute(
+                "SELECT COUNT(*) FROM released WHERE task_id = ? AND round = ?", (task_id, int(round_))
+            ).fetchone()[0])
 
     def spool_bytes(self) -> int:
         with self._lock:

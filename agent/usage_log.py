@@ -35,6 +35,10 @@ CREATE INDEX IF NOT EXISTS reports_ts ON reports (ts);
 """
 
 
+MAX_POWER_W = 100_000.0  # no household circuit draws 100 kW; a larger value is a corrupt reading
+MAX_METER_KWH = 1e9
+
+
 @dataclass(frozen=True)
 class Retention:
     max_age_days: float = 120.0
@@ -52,6 +56,8 @@ def validate_report(r: PlugReport, kinds: Sequence[str] | None = None) -> None:
             raise ValueError(f"{name} must be a finite number, got {v!r}")
     if r.power_w < 0 or r.energy_total_kwh < 0:
         raise ValueError("power and energy must be non-negative")
+    if r.power_w > MAX_POWER_W or r.energy_total_kwh > MAX_METER_KWH:
+        raise ValueError(f"implausible reading: {r.power_w:g} W, meter {r.energy_total_kwh:g} kWh")
     if not 1_000_000_000 < r.ts < 10_000_000_000:
         raise ValueError(f"timestamp {r.ts} is not a plausible unix time")
 

@@ -18,7 +18,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from tests.support.mosquitto import MosquittoBroker, MqttCredentials, feature_topic
+from tests.support.mosquitto import (
+    MosquittoBroker,
+    MqttCredentials,
+    ack_topic,
+    feature_topic,
+    round_topic,
+    task_topic,
+)
 from tests.support.postgres import PostgresServer
 from tests.support.realparts import require_real_part
 
@@ -256,6 +263,55 @@ def test_edge_does_not_receive_another_edges_features(
     ]
     with pytest.raises(queue.Empty):
         intruder.messages.get(timeout=SILENCE)
+
+
+@pytest.mark.realpart
+@pytest.mark.slow
+def test_acl_matches_crowdfl_topics(
+    mosquitto_broker: MosquittoBroker, peers: list[Peer]
+) -> None:
+    """Tasks come only from the coordinator; acks only from the device's edge, read only by that device."""
+    broker = mosquitto_broker
+    coord_id, edge_id, other_edge_id = uid("coord"), uid("edge"), uid("edge")
+    device_id, other_device_id = uid("dev"), uid("dev")
+    coord = make_peer(peers, broker, coord_id, password_login=broker.add_coordinator(coord_id))
+    edge = make_peer(peers, broker, edge_id, password_login=broker.add_edge(edge_id))
+    rogue = make_peer(peers, broker, other_edge_id, password_login=broker.add_edge(other_edge_id))
+    device = make_peer(peers, broker, device_id, password_login=broker.add_device(device_id))
+    other = make_peer(peers, broker, other_device_id, password_login=broker.add_device(other_device_id))
+    for peer in (coord, edge, rogue, device, other):
+        assert peer.connect(broker.host, broker.tls_port) == 0
+    task = uuid.uuid4().hex
+    for peer in (device, edge):
+        peer.subscribe(f"crowdfl/v1/tasks/{task}/#")
+        peer.subscribe(f"crowdfl/v1/tasks/{task}")
+    device.subscribe("crowdfl/v1/ack/+/+")  # wider than its rights: only its own acks are delivered
+    other.subscribe("crowdfl/v1/ack/+/+")
+
+    # only the coordinator publishes tasks and rounds
+    assert edge.publish_acked(task_topic(task), b"forged task") == 0
+    assert device.publish_acked(round_topic(task), b"forged round") == 0
+    assert coord.publish_acked(task_topic(task), b"task") == 0
+    assert coord.publish_acked(round_topic(task), b"round") == 0
+    for peer in (device, edge):
+        got = {peer.messages.get(timeout=WAIT), peer.messages.get(timeout=WAIT)}
+        assert got == {(task_topic(task), b"task"), (round_topic(task), b"round")}
+    # an edge acknowledges only under its own id; a device reads only its own acks
+    assert rogue.publish_acked(ack_topic(edge_id, device_id), b"forged ack") == 0
+    assert coord.publish_acked(ack_topic(edge_id, device_id), b"coordinator ack") == 0
+    assert edge.publish_acked(ack_topic(edge_id, other_device_id), b"ack-other") == 0
+    assert edge.publish_acked(ack_topic(edge_id, device_id), b"ack") == 0
+    assert drain(device, b"ack") == [(ack_topic(edge_id, device_id), b"ack")]
+    assert drain(other, b"ack-other") == [(ack_topic(edge_id, other_device_id), b"ack-other")]
+    # and an edge cannot publish features as if it were a device
+    edge.subscribe(f"crowdfl/v1/feat/{edge_id}/#")
+    assert rogue.publish_acked(feature_topic(edge_id, other_edge_id), b"edge as device") == 0
+    assert device.publish_acked(feature_topic(edge_id, device_id), b"features") == 0
+    assert drain(edge, b"features") == [(feature_topic(edge_id, device_id), b"features")]
+    for peer in (device, other, edge):
+        with pytest.raises(queue.Empty):
+            peer.messages.get(timeout=SILENCE)
+    assert broker.log_text().count(f"Denied PUBLISH from {rogue.client_id}") == 2
 
 
 @pytest.mark.realpart

@@ -7,18 +7,22 @@ Listeners (all on 127.0.0.1, free ports):
   certificate CN is the MQTT username, so the same ACL applies.
 * ``plain_port`` optional, no TLS but username/password + ACL, for raw-throughput benchmarks.
 
-Topic layout and ACL (``username`` = device id or edge id; the two must not overlap):
+Topic layout and ACL: exactly the topics of ``crowdfl/mqtt.py`` (``username`` = the node's short
+id for devices, edges and the coordinator; ids must not overlap). Every rule is per user (no
+``pattern`` lines), so an edge or the coordinator never inherits a device's rights, and a client
+whose certificate CN has no account gets no rights at all:
 
-* device publishes features to ``crowdfl/v1/feat/<edge_id>/<device_id>``
-  -> ``pattern write crowdfl/v1/feat/+/%u``
-* device reads tasks ``crowdfl/v1/tasks/#`` and its own acks ``crowdfl/v1/ack/<edge_id>/<device_id>``
-* edge ``E`` reads ``crowdfl/v1/feat/E/#``, writes ``crowdfl/v1/tasks/E/#`` and ``crowdfl/v1/ack/E/#``
+* device ``D``: write ``crowdfl/v1/feat/+/D``; read ``crowdfl/v1/tasks/#`` and
+  ``crowdfl/v1/ack/+/D`` (its acks come on ``crowdfl/v1/ack/<edge>/D``)
+* edge ``E``: read ``crowdfl/v1/feat/E/#`` and ``crowdfl/v1/tasks/#``; write ``crowdfl/v1/ack/E/#``
+* coordinator ``C``: write ``crowdfl/v1/tasks/#`` (``tasks/<task_id>`` and ``tasks/<task_id>/round``)
+* other accounts (e.g. a home's smart plugs and the agent reading them): the topics given to
+  :meth:`MosquittoBroker.add_user`
 
 Mosquitto 2.0 denies silently: a forbidden publish is still PUBACKed and then dropped, and a
 subscription outside the client's "read" rights is granted (SUBACK QoS 1) but matching messages
 are never delivered. With ``debug_log`` (``log_type all``) the broker logs
 ``Denied PUBLISH from <client id> ...``; :meth:`MosquittoBroker.log_text` returns the log.
-The ACL warns "pattern ... does not contain '%c' or '%u'" for the shared tasks pattern: harmless.
 """
 
 from __future__ import annotations
@@ -56,8 +60,12 @@ def feature_topic(edge_id: str, device_id: str) -> str:
     return f"{TOPIC_ROOT}/feat/{edge_id}/{device_id}"
 
 
-def task_topic(edge_id: str, suffix: str = "all") -> str:
-    return f"{TOPIC_ROOT}/tasks/{edge_id}/{suffix}"
+def task_topic(task_id: str) -> str:
+    return f"{TOPIC_ROOT}/tasks/{task_id}"
+
+
+def round_topic(task_id: str) -> str:
+    return f"{TOPIC_ROOT}/tasks/{task_id}/round"
 
 
 def ack_topic(edge_id: str, device_id: str) -> str:
@@ -207,6 +215,8 @@ class MosquittoBroker:
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _devices: dict[str, MqttCredentials] = field(default_factory=dict, repr=False)
     _edges: dict[str, MqttCredentials] = field(default_factory=dict, repr=False)
+    _coordinators: dict[str, MqttCredentials] = field(default_factory=dict, repr=False)
+    _others: dict[str, tuple[MqttCredentials, tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict, repr=False)
 
     @property
     def password_file(self) -> Path:
@@ -231,6 +241,7 @@ class MosquittoBroker:
         self._check_new_id(device_id)
         creds = self._add_user(device_id, password)
         self._devices[device_id] = creds
+        self._write_acl()
         self._apply()
         return creds
 
@@ -243,9 +254,43 @@ class MosquittoBroker:
         self._apply()
         return creds
 
+    def add_coordinator(self, coordinator_id: str, password: str | None = None) -> MqttCredentials:
+        """The coordinator's account: it publishes (retained) ``crowdfl/v1/tasks/#``."""
+        self._check_new_id(coordinator_id)
+        creds = self._add_user(coordinator_id, password)
+        self._coordinators[coordinator_id] = creds
+        self._write_acl()
+        self._apply()
+        return creds
+
+    def add_user(
+        self,
+        username: str,
+        *,
+        read: Iterable[str] = (),
+        write: Iterable[str] = (),
+        password: str | None = None,
+    ) -> MqttCredentials:
+        """An account outside crowdfl's roles with exactly these topic filters (e.g. smart plugs)."""
+        self._check_new_id(username)
+        read, write = tuple(read), tuple(write)
+        for topic in read + write:
+            if not topic or any(c.isspace() for c in topic):
+                raise ValueError(f"invalid ACL topic {topic!r}")
+        creds = self._add_user(username, password)
+        self._others[username] = (creds, read, write)
+        self._write_acl()
+        self._apply()
+        return creds
+
     def credentials(self, username: str) -> MqttCredentials:
-        """Credentials of a device or edge added earlier (e.g. via ``running_mosquitto(devices=...)``)."""
-        found = self._devices.get(username) or self._edges.get(username)
+        """Credentials of an account added earlier (e.g. via ``running_mosquitto(devices=...)``)."""
+        found = (
+            self._devices.get(username)
+            or self._edges.get(username)
+            or self._coordinators.get(username)
+            or (self._others[username][0] if username in self._others else None)
+        )
         if found is None:
             raise KeyError(username)
         return found
@@ -264,7 +309,7 @@ class MosquittoBroker:
         if not _ID_RE.match(ident):
             # '+', '#' and '/' would also make mosquitto skip %u patterns for that user.
             raise ValueError(f"invalid MQTT user id {ident!r}")
-        if ident in self._devices or ident in self._edges:
+        if ident in self._devices or ident in self._edges or ident in self._coordinators or ident in self._others:
             raise ValueError(f"user id {ident!r} already exists")
 
     def _add_user(self, username: str, password: str | None) -> MqttCredentials:
@@ -285,22 +330,28 @@ class MosquittoBroker:
         return MqttCredentials(username, password, cert, key)
 
     def _write_acl(self) -> None:
-        lines = [
-            "# Generated by tests/support/mosquitto.py. Patterns apply to every user.",
-            f"pattern write {TOPIC_ROOT}/feat/+/%u",
-            f"pattern read {TOPIC_ROOT}/tasks/#",
-            f"pattern read {TOPIC_ROOT}/ack/+/%u",
-            "",
-        ]
+        lines = ["# Generated by tests/support/mosquitto.py: per-user rules only (no patterns)."]
+        for device in sorted(self._devices):
+            lines += [
+                "",
+                f"user {device}",
+                f"topic write {TOPIC_ROOT}/feat/+/{device}",
+                f"topic read {TOPIC_ROOT}/tasks/#",
+                f"topic read {TOPIC_ROOT}/ack/+/{device}",
+            ]
         for edge in sorted(self._edges):
             lines += [
+                "",
                 f"user {edge}",
                 f"topic read {TOPIC_ROOT}/feat/{edge}/#",
-                f"topic write {TOPIC_ROOT}/tasks/{edge}/#",
+                f"topic read {TOPIC_ROOT}/tasks/#",
                 f"topic write {TOPIC_ROOT}/ack/{edge}/#",
-                "",
             ]
-        self.acl_file.write_text("\n".join(lines))
+        for coordinator in sorted(self._coordinators):
+            lines += ["", f"user {coordinator}", f"topic write {TOPIC_ROOT}/tasks/#"]
+        for name, (_, read, write) in sorted(self._others.items()):
+            lines += ["", f"user {name}", *(f"topic read {t}" for t in read), *(f"topic write {t}" for t in write)]
+        self.acl_file.write_text("\n".join(lines) + "\n")
         self.acl_file.chmod(0o600)
 
     def _write_config(self) -> None:

@@ -1,0 +1,102 @@
+"""agent.service without a broker: messages are handed to ``Agent.handle`` as the MQTT link would."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.privacy import PrivacyPolicy
+from agent.service import Agent
+from agent.state import AgentState
+from agent.usage_log import UsageLog
+from crowdfl.artifacts import ArtifactError
+from crowdfl.envelope import seal
+from crowdfl.identity import Identity, short_id
+from crowdfl.messages import CODEC, RoundStart
+from crowdfl.mqtt import Incoming, MqttLink, MqttSettings, round_topic, task_topic
+from tests.agent.conftest import HISTORY_START
+from tests.agent.world import household_reports
+
+
+class Parts:
+    def __init__(self, tmp: Path, designed) -> None:  # type: ignore[no-untyped-def]
+        self.tmp, self.designed = tmp, designed
+        self.coord, self.edge, self.device = Identity.generate(), Identity.generate(), Identity.generate()
+        self.fetches = 0
+        self.fail_fetches = 0
+        usage = UsageLog(tmp / "usage.sqlite")
+        usage.append(household_reports("svc-home", HISTORY_START, days=4))
+        usage.close()
+
+    def fetch(self, h: str) -> bytes:
+        self.fetches += 1
+        if self.fail_fetches:
+            self.fail_fetches -= 1
+            raise ArtifactError("unreachable", "coordinator down")
+        assert h == self.designed.spec.front_model_hash
+        return self.designed.front_tflite
+
+    def agent(self) -> Agent:
+        short = short_id(self.device.node_id)
+        link = MqttLink(MqttSettings(), f"agent-{short}", Agent.subscriptions(short))  # never started
+        return Agent(
+            self.device, self.coord.public, self.edge.public, UsageLog(self.tmp / "usage.sqlite"),
+            AgentState(self.tmp / "state.sqlite"), link, self.fetch, self.tmp / "models",
+            PrivacyPolicy(8.0), np.random.default_rng(0),
+        )
+
+    def task_msg(self) -> Incoming:
+        spec = self.designed.spec
+        return Incoming(task_topic(spec.task_id), seal(CODEC.encode(spec), self.coord, time.time_ns()), True)
+
+    def round_msg(self, n: int) -> Incoming:
+        spec = self.designed.spec
+        rs = RoundStart(spec.task_id, n, spec.initial_model_hash, (self.device.node_id,), spec.deadline)
+        return Incoming(round_topic(spec.task_id), seal(CODEC.encode(rs), self.coord, time.time_ns()), True)
+
+
+def close(agent: Agent) -> None:
+    agent.state.close()
+    agent.usage_log.close()
+
+
+def test_join_is_retried_at_the_round_when_the_model_fetch_failed(tmp_path: Path, designed_task) -> None:  # type: ignore[no-untyped-def]
+    parts = Parts(tmp_path, designed_task)
+    parts.fail_fetches = 1
+    agent = parts.agent()
+    try:
+        agent.handle(parts.task_msg())
+        assert not agent.tasks and agent.stats.rejected_messages == 1
+        agent.handle(parts.round_msg(1))  # the retained task is not sent again; the round brings the retry
+        assert designed_task.spec.task_id in agent.tasks and parts.fetches == 2
+        assert agent.state.released_in_round(designed_task.spec.task_id, 1) == designed_task.spec.samples_per_round
+        assert len(agent.state.pending()) == 1
+    finally:
+        close(agent)
+
+
+def test_a_restarted_agent_does_not_contribute_to_a_round_twice(tmp_path: Path, designed_task, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    parts = Parts(tmp_path, designed_task)
+    first = parts.agent()
+    first.handle(parts.task_msg())
+    first.handle(parts.round_msg(1))
+    spooled = first.state.pending()
+    budget = first.state.budget()
+    close(first)
+
+    caplog.set_level(logging.INFO, logger="agent.service")
+    second = parts.agent()  # after a power cut: the broker delivers the retained task and round again
+    try:
+        second.handle(parts.task_msg())
+        second.handle(parts.round_msg(1))
+        assert second.state.pending() == spooled  # the same envelope waits for its resend, nothing new
+        assert second.state.budget() == budget
+        assert second.stats.contributions == 0 and "already contributed" in caplog.text
+        second.handle(parts.round_msg(2))  # the next round is contributed as usual, with fresh samples
+        assert second.state.budget().samples_released == 2 * designed_task.spec.samples_per_round
+    finally:
+        close(second)
