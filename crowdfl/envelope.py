@@ -23,13 +23,15 @@ import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
-from Crypto.Cipher import AES
-from Crypto.Hash import SHA256
-from Crypto.Protocol import DH
-from Crypto.Protocol.KDF import HKDF
-from Crypto.PublicKey import ECC
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .errors import WireError
 from .identity import Identity, PublicIdentity
@@ -79,9 +81,9 @@ class Sealed:
     def sender_id(self) -> str:
         return self.sender_key.hex()
 
-    @property
+    @cached_property
     def digest(self) -> str:
-        """sha256 of the whole envelope: the content address of what was signed."""
+        """sha256 of the whole envelope: the content address of what was signed (computed once)."""
         return hashlib.sha256(self.raw).hexdigest()
 
 
@@ -115,7 +117,8 @@ class MemoryReplayGuard:
 
 
 def _aes_key(shared: bytes, ephemeral: bytes, recipient_enc: bytes) -> bytes:
-    return HKDF(shared, 32, ephemeral + recipient_enc, SHA256, context=_KDF_INFO)  # type: ignore[no-any-return]
+    """RFC 5869 HKDF-SHA256 (salt = both public keys, info = the protocol label)."""
+    return HKDF(algorithm=SHA256(), length=32, salt=ephemeral + recipient_enc, info=_KDF_INFO).derive(shared)
 
 
 def seal(body: bytes, sender: Identity, seq: int, recipient: PublicIdentity | None = None) -> bytes:
@@ -123,10 +126,9 @@ def seal(body: bytes, sender: Identity, seq: int, recipient: PublicIdentity | No
     if not 0 <= seq < 2**64:
         raise ValueError("seq must fit in 64 bits")
     if recipient is not None:
-        eph = ECC.generate(curve="curve25519")
-        eph_pub = eph.public_key().export_key(format="raw")
-        shared = DH.key_agreement(eph_priv=eph, static_pub=recipient.enc_public, kdf=lambda z: z)
-        key = _aes_key(shared, eph_pub, recipient.enc_key)
+        eph = X25519PrivateKey.generate()
+        eph_pub = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        key = _aes_key(eph.exchange(recipient.enc_public), eph_pub, recipient.enc_key)
         nonce = secrets.token_bytes(12)
         flags, fp = FLAG_ENCRYPTED, fingerprint(recipient)
         body_len = len(body) + TAG_SIZE
@@ -135,10 +137,7 @@ def seal(body: bytes, sender: Identity, seq: int, recipient: PublicIdentity | No
         body_len = len(body)
     header = _HEADER.pack(ENV_MAGIC, ENV_VERSION, flags, sender.public.sign_key, seq, fp, eph_pub, nonce, body_len)
     if recipient is not None:
-        cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
-        cipher.update(header)
-        ct, tag = cipher.encrypt_and_digest(body)
-        payload = ct + tag
+        payload = AESGCM(key).encrypt(nonce, body, header)  # ciphertext || tag(16)
     else:
         payload = body
     signed = header + payload
@@ -187,16 +186,14 @@ def decrypt(sealed: Sealed, recipient: Identity) -> bytes:
     if sealed.recipient_fp != fingerprint(recipient.public):
         raise WireError("wrong_recipient", "envelope is encrypted to another key")
     try:
-        eph_pub = DH.import_x25519_public_key(sealed.ephemeral)
-        shared = DH.key_agreement(static_priv=recipient.enc_private, eph_pub=eph_pub, kdf=lambda z: z)
+        # raises ValueError for a low-order point (all-zero shared secret)
+        shared = recipient.enc_private.exchange(X25519PublicKey.from_public_bytes(sealed.ephemeral))
     except ValueError as exc:
         raise WireError("decrypt_failed", f"bad ephemeral key: {exc}") from None
     key = _aes_key(shared, sealed.ephemeral, recipient.public.enc_key)
-    cipher = AES.new(key, AES.MODE_GCM, nonce=sealed.nonce)
-    cipher.update(sealed.header)
     try:
-        return cipher.decrypt_and_verify(sealed.body[:-TAG_SIZE], sealed.body[-TAG_SIZE:])  # type: ignore[no-any-return]
-    except ValueError:
+        return AESGCM(key).decrypt(sealed.nonce, sealed.body, sealed.header)
+    except InvalidTag:
         raise WireError("decrypt_failed", "authentication tag mismatch") from None
 
 

@@ -14,6 +14,7 @@ from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink
 from crowdfl.runtime import setup_logging, stop_on_signals
 
+from .api import HttpServer, create_app
 from .config import EdgeConfig, load
 from .service import EdgeServer
 from .store import EdgeStore
@@ -39,12 +40,23 @@ def run(cfg: EdgeConfig) -> int:
     server = EdgeServer(
         ident, coordinator, EdgeStore(cfg.db_url), link, CoordinatorClient(cfg.coordinator.url),
         lambda h: fetch_artifact(cfg.coordinator.url, h), seed=cfg.seed, drain_max=cfg.drain_max,
-        drain_wait_s=cfg.drain_wait_s, resubmit_every_s=cfg.resubmit_every_s,
+        drain_wait_s=cfg.drain_wait_s, resubmit_every_s=cfg.resubmit_every_s, ingest_workers=cfg.ingest_workers,
     )
     stop = stop_on_signals()
+    http: HttpServer | None = None
+    if cfg.http.enabled:
+        try:
+            http = HttpServer(create_app(server), cfg.http.host, cfg.http.port)
+        except OSError as exc:
+            raise CrowdflError("config", f"cannot serve http on {cfg.http.host}:{cfg.http.port}: {exc}") from None
     server.start()
+    if http is not None:
+        http.start()
+        log.info("health and metrics on %s/healthz and %s/metrics", http.url, http.url)
     log.info("edge %s running; broker %s:%d, coordinator %s", short, cfg.mqtt.host, cfg.mqtt.port, cfg.coordinator.url)
     stop.wait()
+    if http is not None:
+        http.stop()
     server.stop()
     log.info("edge stopped cleanly: %d batches accepted, %d rejected, %d updates submitted",
              server.ingestor.stats.accepted, sum(server.ingestor.stats.rejected.values()), server.stats.submitted)
@@ -77,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"device {args.node_id[:16]} registered")
         elif args.command == "status":
             store = EdgeStore(cfg.db_url)
-            print(json.dumps({"devices": len(store.active_devices()), "rejections": store.rejection_counts(),
-                              "unsubmitted_updates": len(store.unsubmitted_updates())}, indent=2))
+            print(json.dumps({"devices": len(store.active_devices()), **store.counts(), "rejections": store.rejection_counts()}, indent=2))
             store.close()
         else:
             return run(cfg)

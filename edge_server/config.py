@@ -17,15 +17,36 @@ class CoordinatorSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The /healthz and /metrics endpoint; loopback by default (scraped on the host)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8471
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"http.port {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     state_dir: Path = Path("/var/lib/crowdfl-edge")
     database_url: str = ""  # empty: SQLite file in state_dir; or postgresql+psycopg://...
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     drain_max: int = 500
+    # processes that verify and decrypt feature batches (0: in the ingest thread). They pay off only
+    # with idle cores: on the shared 2-core test machine 0 was fastest (bench/ingest.py --workers)
+    ingest_workers: int = 0
     drain_wait_s: float = 0.05
     resubmit_every_s: float = 5.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.drain_max < 1 or self.ingest_workers < 0 or self.drain_wait_s <= 0 or self.resubmit_every_s <= 0:
+            raise ValueError("drain_max >= 1, ingest_workers >= 0, drain_wait_s > 0 and resubmit_every_s > 0 are required")
 
     @property
     def key_file(self) -> Path:

@@ -3,6 +3,15 @@
 ingest (MQTT drain -> verify/decrypt/validate -> persist -> ack) never waits for training;
 the worker trains a customer's dense layers when that customer's batch for the current round
 has been persisted, signs the update and submits it; unsent updates are retried.
+
+Crash safety (kill -9 at any point): a batch is acknowledged only after it is committed, so the
+device resends whatever was lost with the in-memory inbox. The training queue is not durable
+either; instead the worker reconciles it with the database at start and every
+``resubmit_every_s``: every selected customer with a batch for its task's current round and no
+update yet is (re)scheduled. Task specs and the latest RoundStart are stored, so this works
+before the broker re-delivers the retained control messages. An update is saved before it is
+submitted and marked after the coordinator's final answer; a crash in between resends the same
+bytes, which the coordinator answers with "duplicate" (it keys updates by their hash).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +33,7 @@ from crowdfl.messages import CODEC, Ack, ModelUpdate, ModelWeights, RoundStart, 
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic
 
 from .ingest import Ingestor
+from .metrics import Histogram
 from .store import EdgeStore
 from .submit import CoordinatorClient
 from .trainer import train_customer
@@ -38,12 +48,24 @@ class TrainJob:
     customer: str
 
 
+# seconds; training one customer's head is ~0.5-3 s on the project's machines
+TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+MAX_RETRY_DELAY_S = 300.0
+
+
 @dataclass
 class EdgeStats:
+    """Counters since start (each written by one thread; read by the metrics endpoint)."""
+
     trained: int = 0
-    submitted: int = 0
+    train_failures: int = 0
+    submitted: int = 0  # the coordinator took it (received, or duplicate of one it already had)
+    submit_duplicates: int = 0
     submit_rejected: int = 0
+    submit_retries: int = 0
+    rescheduled: int = 0  # jobs re-created from the database (restart, failed job, lost queue)
     train_seconds: float = 0.0
+    train_time: Histogram = field(default_factory=lambda: Histogram(TRAIN_BUCKETS))
 
 
 class EdgeServer:
@@ -59,6 +81,7 @@ class EdgeServer:
         drain_max: int = 500,
         drain_wait_s: float = 0.05,
         resubmit_every_s: float = 5.0,
+        ingest_workers: int = 0,
     ) -> None:
         self.identity = identity
         self.coordinator = coordinator
@@ -72,12 +95,16 @@ class EdgeServer:
         self.resubmit_every_s = resubmit_every_s
         self.tasks: dict[str, TaskSpec] = {}
         self.rounds: dict[str, RoundStart] = {}
-        self.ingestor = Ingestor(identity, store, self.tasks.get)
+        self.ingestor = Ingestor(identity, store, self.tasks.get, workers=ingest_workers)
         self.jobs: queue.Queue[TrainJob] = queue.Queue()
         self.stats = EdgeStats()
         self._models: dict[str, list[np.ndarray]] = {}
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self._queued: set[TrainJob] = set()
+        self._queued_lock = threading.Lock()
+        self._retry_at: dict[TrainJob, tuple[float, int]] = {}  # failed job -> (next attempt, failures)
+        self.started_at = 0.0
 
     @staticmethod
     def subscriptions(short: str) -> list[str]:
@@ -114,20 +141,70 @@ class EdgeServer:
                 rs = CODEC.decode(opened.body, RoundStart)
                 prev = self.rounds.get(rs.task_id)
                 if prev is None or rs.round > prev.round:
+                    self.store.save_round(rs.task_id, rs.round, opened.body)
                     self.rounds[rs.task_id] = rs
-                    for device in self.store.rounds_received(rs.task_id, rs.round):
-                        self._maybe_schedule(rs.task_id, rs.round, device)
+                    self._schedule_round(rs.task_id)
             else:
                 spec = CODEC.decode(opened.body, TaskSpec)
-                self.tasks.setdefault(spec.task_id, spec)
+                if spec.task_id not in self.tasks:
+                    self.store.save_task(spec.task_id, opened.body)
+                    self.tasks[spec.task_id] = spec
+                    self._schedule_round(spec.task_id)
         except CrowdflError as exc:
             log.warning("rejected control message on %s: %s", m.topic, exc)
 
-    def _maybe_schedule(self, task_id: str, round_: int, device: str) -> None:
+    def restore(self) -> None:
+        """Load the stored task specs and round starts (verified when they arrived)."""
+        for body in self.store.task_specs():
+            spec = CODEC.decode(body, TaskSpec)
+            self.tasks.setdefault(spec.task_id, spec)
+        for body in self.store.round_starts():
+            rs = CODEC.decode(body, RoundStart)
+            prev = self.rounds.get(rs.task_id)
+            if prev is None or rs.round > prev.round:
+                self.rounds[rs.task_id] = rs
+
+    def _schedule_round(self, task_id: str) -> int:
+        """Queue every selected customer of the task's current round that has a batch and no update."""
         rs = self.rounds.get(task_id)
-        if rs is None or rs.round != round_ or device not in rs.selected:
-            return  # the data stays stored and is used in the device's next selected round
-        self.jobs.put(TrainJob(task_id, round_, device))
+        if rs is None or task_id not in self.tasks:
+            return 0
+        n = 0
+        for device in sorted(self.store.awaiting_training(task_id, rs.round)):
+            n += self._maybe_schedule(task_id, rs.round, device)
+        return n
+
+    def reconcile(self) -> int:
+        """Re-create training jobs the in-memory queue lost (restart) or that failed (after a back-off)."""
+        for job in [j for j in self._retry_at if self.rounds.get(j.task_id) is None or self.rounds[j.task_id].round != j.round]:
+            del self._retry_at[job]  # rounds that are over: nothing left to retry
+        n = 0
+        for task_id in list(self.rounds):
+            n += self._schedule_round(task_id)
+        self.stats.rescheduled += n
+        if n:
+            log.info("re-scheduled %d training job(s) from the database", n)
+        return n
+
+    def _maybe_schedule(self, task_id: str, round_: int, device: str) -> bool:
+        rs = self.rounds.get(task_id)
+        if rs is None or rs.round != round_ or device not in rs.selected or task_id not in self.tasks:
+            return False  # the data stays stored and is used in the device's next selected round
+        job = TrainJob(task_id, round_, device)
+        retry = self._retry_at.get(job)
+        if retry is not None and time.monotonic() < retry[0]:
+            return False
+        with self._queued_lock:
+            if job in self._queued:
+                return False
+            self._queued.add(job)
+        self.jobs.put(job)
+        return True
+
+    @property
+    def queue_depth(self) -> int:
+        with self._queued_lock:
+            return len(self._queued)
 
     # -- training side -------------------------------------------------------------------------
     def _global_weights(self, model_hash: str) -> list[np.ndarray]:
@@ -141,6 +218,8 @@ class EdgeServer:
             return
         spec = self.tasks[job.task_id]
         rs = self.rounds[job.task_id]
+        if rs.round != job.round:
+            return  # the round moved on while the job waited; its data is used in the next one
         data = self.store.customer_data(job.customer, job.task_id, spec.feature_dim)
         seed = (self.seed * 1_000_003 + job.round * 7919 + int(job.customer[:8], 16)) % 2**31
         result = train_customer(self._global_weights(rs.global_model_hash), data, spec, seed)
@@ -152,6 +231,7 @@ class EdgeServer:
         self.store.save_update(job.task_id, job.round, job.customer, env, hashlib.sha256(env).hexdigest(), result.seconds)
         self.stats.trained += 1
         self.stats.train_seconds += result.seconds
+        self.stats.train_time.observe(result.seconds)
         log.info("trained %s round %d on %d samples in %.2fs (loss %.3f)", job.customer[:12], job.round, result.num_samples, result.seconds, result.loss)
 
     def submit_pending(self) -> None:
@@ -164,26 +244,42 @@ class EdgeServer:
                     log.warning("coordinator rejected update %d: %s", update_id, res.detail)
                 else:
                     self.stats.submitted += 1
+                    self.stats.submit_duplicates += int(res.status == "duplicate")
             else:
+                self.stats.submit_retries += 1
                 log.info("coordinator unreachable (%s); update %d stays queued", res.detail, update_id)
                 break
 
+    def _run_job(self, job: TrainJob) -> None:
+        with self._queued_lock:
+            self._queued.discard(job)
+        try:
+            self.train_job(job)
+            self._retry_at.pop(job, None)
+        except Exception:  # a failed job must not kill the worker; reconcile() retries it later
+            failures = self._retry_at.get(job, (0.0, 0))[1] + 1
+            delay = min(MAX_RETRY_DELAY_S, self.resubmit_every_s * 2 ** (failures - 1))
+            self._retry_at[job] = (time.monotonic() + delay, failures)
+            self.stats.train_failures += 1
+            log.exception("training %s round %d failed (attempt %d); retrying in %.0fs", job.customer[:12], job.round, failures, delay)
+
     def _worker(self) -> None:
-        last_resubmit = 0.0
+        last_reconcile = 0.0
         while not self._stop.is_set():
             try:
                 job = self.jobs.get(timeout=0.2)
             except queue.Empty:
                 job = None
-            if job is not None:
-                try:
-                    self.train_job(job)
-                except Exception:  # a failed job must not kill the worker
-                    log.exception("training %s round %d failed", job.customer[:12], job.round)
-                self.submit_pending()
-            elif time.monotonic() - last_resubmit > self.resubmit_every_s:
-                last_resubmit = time.monotonic()
-                self.submit_pending()
+            try:
+                if job is not None:
+                    self._run_job(job)
+                    self.submit_pending()
+                elif time.monotonic() - last_reconcile > self.resubmit_every_s:
+                    last_reconcile = time.monotonic()
+                    self.submit_pending()
+                    self.reconcile()
+            except Exception:  # e.g. the database is briefly unreachable: the worker must live on
+                log.exception("submission or reconcile failed; retrying in %.0fs", self.resubmit_every_s)
 
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
@@ -194,6 +290,8 @@ class EdgeServer:
                 time.sleep(0.5)
 
     def start(self) -> None:
+        self.started_at = time.time()
+        self.restore()
         self.ingestor.refresh_devices()
         self.link.start()
         for target, name in ((self._ingest_loop, "edge-ingest"), (self._worker, "edge-train")):
@@ -201,9 +299,13 @@ class EdgeServer:
             t.start()
             self._threads.append(t)
 
+    def threads_alive(self) -> dict[str, bool]:
+        return {t.name: t.is_alive() for t in self._threads}
+
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30)
+        self.ingestor.close()
         self.link.stop()
         self.store.close()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -20,9 +18,9 @@ SPEC = make_spec()
 
 
 @pytest.fixture
-def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
+def setup(edge_db_url: str):  # type: ignore[no-untyped-def]
     edge, device = Identity.generate(), Identity.generate()
-    store = EdgeStore(f"sqlite:///{tmp_path / 'edge.sqlite'}")
+    store = EdgeStore(edge_db_url)
     store.register_devices([(device.node_id, device.public.enc_key.hex())])
     ing = Ingestor(edge, store, {SPEC.task_id: SPEC}.get)
     ing.refresh_devices()
@@ -122,3 +120,57 @@ def test_bad_messages_do_not_stop_good_ones(setup) -> None:  # type: ignore[no-u
     ])
     assert [a.seq for a in out.accepted] == [1, 3]
     assert store.customer_data(device.node_id, SPEC.task_id, 8).sample_ids.tolist() == [1, 2, 4]
+
+
+def test_seq_beyond_the_database_column_is_a_rejection(setup) -> None:  # type: ignore[no-untyped-def]
+    """A seq of 2^63 or more would fail the drain's whole transaction; it must cost only itself."""
+    edge, device, store, ing = setup
+    top = msg(edge, device, batch([2]), 2**63 - 1)
+    out = ing.drain([msg(edge, device, batch([1]), 2**64 - 1), top])
+    assert [r[0] for r in out.rejections] == ["bad_seq"] and [a.seq for a in out.accepted] == [2**63 - 1]
+    assert ing.drain([top]).acks == {device.node_id: [2**63 - 1]}  # the resend is a duplicate
+
+
+def test_sample_reuse_is_caught_after_a_restart_and_within_a_drain(setup, edge_db_url: str) -> None:  # type: ignore[no-untyped-def]
+    edge, device, store, ing = setup
+    ing.drain([msg(edge, device, batch([10, 11]), 1)])
+    fresh = EdgeStore(edge_db_url)  # a restarted edge: the index is rebuilt from the stored batches
+    try:
+        again = Ingestor(edge, fresh, {SPEC.task_id: SPEC}.get)
+        again.refresh_devices()
+        out = again.drain([msg(edge, device, batch([11, 12]), 2), msg(edge, device, batch([20]), 3), msg(edge, device, batch([20, 21]), 4)])
+        assert [r[0] for r in out.rejections] == ["sample_reuse", "sample_reuse"] and [a.seq for a in out.accepted] == [3]
+        assert fresh.customer_data(device.node_id, SPEC.task_id, 8).sample_ids.tolist() == [10, 11, 20]
+    finally:
+        fresh.close()
+
+
+def test_rejection_text_is_stored_safely(setup) -> None:  # type: ignore[no-untyped-def]
+    """Topic text comes from outside: NUL bytes (PostgreSQL refuses them) and length are bounded."""
+    _, _, store, ing = setup
+    out = ing.drain([Incoming("crowdfl/v1/feat/\x00" + "x" * 500, b"junk", False)])
+    assert out.rejections and store.rejection_counts() == {"bad_topic": 1}
+
+
+def test_a_worker_pool_gives_the_same_outcomes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Verify/decrypt in worker processes: same accepted, duplicates and reasons as inline, same order."""
+    edge, device = Identity.generate(), Identity.generate()
+    good = [msg(edge, device, batch([i]), i) for i in range(1, 30)]
+    tampered = bytearray(msg(edge, device, batch([99]), 99).payload)
+    tampered[-5] ^= 1
+    mixed = [*good[:10], good[3], Incoming(good[0].topic, bytes(tampered), False), msg(edge, device, batch([5, 100]), 100), *good[10:]]
+    outcomes = []
+    for workers in (0, 2):
+        store = EdgeStore(f"sqlite:///{tmp_path / f'edge-{workers}.sqlite'}")
+        store.register_devices([(device.node_id, device.public.enc_key.hex())])
+        ing = Ingestor(edge, store, {SPEC.task_id: SPEC}.get, workers=workers)
+        ing.refresh_devices()
+        try:
+            out = ing.drain(mixed)
+            outcomes.append(([a.seq for a in out.accepted], out.acks, [r[0] for r in out.rejections], ing.stats.duplicates))
+        finally:
+            ing.close()
+            store.close()
+    assert outcomes[0] == outcomes[1]
+    accepted, _, reasons, dups = outcomes[0]
+    assert accepted == list(range(1, 30)) and reasons == ["bad_signature", "sample_reuse"] and dups == 1
