@@ -1,29 +1,165 @@
-"""The coordinator's HTTP API (Flask): update intake, artifacts, tasks, rounds, proofs."""
+"""The coordinator's HTTP API (Flask).
+
+Public, read-only JSON for auditors and the dashboard (tasks, rounds with accuracy and anchors,
+accepted/rejected updates with reasons, reputation over time, rewards, participants, proofs) and
+the artifacts themselves (models, manifests, ledgers); update intake for the edge servers (signed
+envelopes, so no token); and the manufacturer's admin actions behind a bearer token from the
+config file. The contract is ``openapi.py``, served at /api/v1/openapi.json.
+"""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from web3 import Web3
+from werkzeug.exceptions import HTTPException
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from crowdfl.errors import CrowdflError
+from crowdfl.identity import PublicIdentity
+from crowdfl.messages import CODEC, ModelWeights, TaskSpec
+
+from .audit import audit_model
+from .chain import ChainError
+from .dashboard import dashboard_blueprint, root_redirect
+from .openapi import openapi_document
 from .service import Coordinator
 from .store import StoreError
 
 log = logging.getLogger(__name__)
 
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
+MAX_JSON_BYTES = 1024 * 1024
+MAX_PARTICIPANTS_PER_CALL = 1000
+_HEX = frozenset("0123456789abcdef")
 
 
-def create_app(coord: Coordinator) -> Flask:
+class BadRequest(Exception):
+    """A request body or parameter that fails validation; the message says which field and why."""
+
+    def __init__(self, detail: str, status: int = 400, code: str = "bad_request") -> None:
+        super().__init__(detail)
+        self.detail, self.status, self.code = detail, status, code
+
+
+def _hex32(value: object, name: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or not set(value) <= _HEX:
+        raise BadRequest(f"{name} must be 64 lowercase hex characters")
+    return value
+
+
+def _json_object(allowed: dict[str, tuple[type | tuple[type, ...], bool]], data: object, where: str = "body") -> dict[str, Any]:
+    """Check a JSON object's keys and value types: unknown keys and missing required ones are errors."""
+    if not isinstance(data, dict):
+        raise BadRequest(f"{where} must be a JSON object")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise BadRequest(f"{where}: unknown field(s) {', '.join(unknown)}")
+    for name, (types, required) in allowed.items():
+        if name not in data or data[name] is None:
+            if required:
+                raise BadRequest(f"{where}: field {name} is required")
+            continue
+        value = data[name]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise BadRequest(f"{where}: field {name} has the wrong type")
+        if not isinstance(value, types):
+            raise BadRequest(f"{where}: field {name} has the wrong type")
+    return data
+
+
+def _request_json() -> Any:
+    if request.mimetype != "application/json":
+        raise BadRequest("send a JSON body (Content-Type: application/json)", 415, "bad_content_type")
+    if (request.content_length or 0) > MAX_JSON_BYTES:
+        raise BadRequest("body too large", 413, "too_large")
+    data = request.get_json(silent=True)
+    if data is None:
+        raise BadRequest("the body is not valid JSON")
+    return data
+
+
+_PARTICIPANT = {
+    "role": (str, True), "node_id": (str, True), "enc_key": (str, True), "edge": (str, False), "payout": (str, False),
+}
+
+
+def _participant_entry(raw: object, where: str) -> tuple[PublicIdentity, str, str | None, str | None]:
+    d = _json_object(_PARTICIPANT, raw, where)
+    role = d["role"]
+    if role not in ("device", "edge"):
+        raise BadRequest(f"{where}: role must be device or edge")
+    node_id, enc_key = _hex32(d["node_id"], f"{where}.node_id"), _hex32(d["enc_key"], f"{where}.enc_key")
+    edge = d.get("edge")
+    if role == "device":
+        if edge is None:
+            raise BadRequest(f"{where}: a device needs its edge server's node id (edge)")
+        _hex32(edge, f"{where}.edge")
+    elif edge is not None:
+        raise BadRequest(f"{where}: only devices have an edge")
+    payout = d.get("payout")
+    if payout is not None and not Web3.is_address(payout):
+        raise BadRequest(f"{where}.payout must be an Ethereum address")
+    return PublicIdentity(bytes.fromhex(node_id), bytes.fromhex(enc_key)), role, edge, payout
+
+
+def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
+    """``admin_token`` empty: the admin actions are refused (401) for everyone."""
     app = Flask("crowdfl.coordinator")
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPDATE_BYTES
+    audit_lock = threading.Lock()
+    app.register_blueprint(dashboard_blueprint())
+    app.add_url_rule("/", "root", root_redirect)
 
+    def error(code: str, detail: str, status: int) -> tuple[Response, int]:
+        return jsonify({"error": code, "detail": detail}), status
+
+    @app.errorhandler(BadRequest)
+    def bad_request(exc: BadRequest) -> Any:
+        log.warning("%s %s refused: %s", request.method, request.path, exc.detail)
+        return error(exc.code, exc.detail, exc.status)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        return error(exc.name.lower().replace(" ", "_"), exc.description or "", exc.code or 500)
+
+    def admin(view: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            ok = bool(admin_token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), admin_token.encode())
+            if not ok:
+                log.warning("admin request %s %s refused: %s", request.method, request.path, "no token configured" if not admin_token else "bad or missing bearer token")
+                resp, status = error("unauthorized", "a valid bearer token is required for this action", 401)
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="crowdfl-coordinator"'
+                return resp, status
+            return view(*args, **kwargs)
+
+        return wrapped
+
+    def task_or_404(task_id: str) -> str:
+        _hex32(task_id, "task id")
+        try:
+            coord.spec(task_id)
+        except KeyError:
+            raise BadRequest(f"no task {task_id[:16]}…", 404, "not_found") from None
+        return task_id
+
+    # -- public ---------------------------------------------------------------------------------
     @app.get("/api/v1/health")
     def health() -> Any:
         return jsonify({"status": "ok"})
+
+    @app.get("/api/v1/openapi.json")
+    def openapi() -> Any:
+        return jsonify(openapi_document())
 
     @app.get("/api/v1/artifacts/<address>")
     def artifact(address: str) -> Any:
@@ -32,34 +168,174 @@ def create_app(coord: Coordinator) -> Flask:
         except StoreError as exc:
             if exc.code == "corrupt":
                 log.error("content store: %s", exc)
-                return jsonify({"error": exc.code, "detail": exc.detail}), 500
-            return jsonify({"error": exc.code, "detail": exc.detail}), 404 if exc.code == "missing" else 400
+                return error(exc.code, exc.detail, 500)
+            return error(exc.code, exc.detail, 404 if exc.code == "missing" else 400)
         return Response(data, mimetype="application/octet-stream", headers={"X-Content-SHA256": address})
 
     @app.post("/api/v1/updates")
     def updates() -> Any:
         if request.mimetype != "application/octet-stream":
-            return jsonify({"error": "bad_content_type", "detail": "send the raw envelope as application/octet-stream"}), 415
+            return error("bad_content_type", "send the raw envelope as application/octet-stream", 415)
         result = coord.receive_update(request.get_data(cache=False))
         body = {"status": result.status, "detail": result.detail, "update_hash": result.update_hash}
         if result.status == "rejected":
             body["error"] = result.detail.split(":", 1)[0]
         return jsonify(body), result.http_status
 
+    @app.get("/api/v1/participants")
+    def participants() -> Any:
+        return jsonify(coord.participants())
+
     @app.get("/api/v1/tasks")
     def tasks() -> Any:
         return jsonify(coord.tasks())
 
+    @app.get("/api/v1/tasks/<task_id>")
+    def task(task_id: str) -> Any:
+        task_or_404(task_id)
+        return jsonify(next(t for t in coord.tasks() if t["task_id"] == task_id))
+
     @app.get("/api/v1/tasks/<task_id>/rounds")
     def rounds(task_id: str) -> Any:
-        return jsonify(coord.rounds(task_id))
+        return jsonify(coord.rounds(task_or_404(task_id)))
+
+    @app.get("/api/v1/tasks/<task_id>/rounds/<int:round_>")
+    def round_detail(task_id: str, round_: int) -> Any:
+        detail = coord.round_detail(task_or_404(task_id), round_)
+        if detail is None:
+            return error("not_found", f"round {round_} has not been opened", 404)
+        return jsonify(detail)
+
+    @app.get("/api/v1/tasks/<task_id>/rounds/<int:round_>/updates")
+    def round_updates(task_id: str, round_: int) -> Any:
+        detail = coord.round_detail(task_or_404(task_id), round_)
+        if detail is None:
+            return error("not_found", f"round {round_} has not been opened", 404)
+        return jsonify(detail["updates"])
+
+    @app.get("/api/v1/tasks/<task_id>/rounds/<int:round_>/ledger")
+    def ledger(task_id: str, round_: int) -> Any:
+        data = coord.ledger(task_or_404(task_id), round_)
+        if data is None:
+            return error("not_found", f"round {round_} is not closed", 404)
+        return jsonify(data)
 
     @app.get("/api/v1/tasks/<task_id>/rounds/<int:round_>/proofs/<customer>")
     def proof(task_id: str, round_: int, customer: str) -> Any:
-        p = coord.proof(task_id, round_, customer)
+        p = coord.proof(task_or_404(task_id), round_, _hex32(customer, "customer"))
         if p is None:
-            return jsonify({"error": "not_found", "detail": "no update of this customer in that round"}), 404
+            return error("not_found", "no update of this customer in that round", 404)
         return jsonify(p)
+
+    @app.get("/api/v1/tasks/<task_id>/reputation")
+    def reputation(task_id: str) -> Any:
+        return jsonify({"task_id": task_id, "history": coord.reputation_history(task_or_404(task_id))})
+
+    @app.get("/api/v1/customers/<node_id>")
+    def customer(node_id: str) -> Any:
+        found = coord.customer(_hex32(node_id, "device key"))
+        if found is None:
+            return error("not_found", "no device with this key", 404)
+        return jsonify(found)
+
+    @app.post("/api/v1/models/<model_hash>/verify")
+    def verify_model(model_hash: str) -> Any:
+        """The audit, from the chain and the store only (not the database); one at a time, it re-runs every round."""
+        _hex32(model_hash, "model hash")
+        with audit_lock:
+            report = audit_model(coord.contracts, coord.store, model_hash)
+        return jsonify({"model_hash": model_hash, "task_id": report.task_id, "round": report.round, "ok": report.ok,
+                        "lines": report.lines(), "problems": report.problems + [p for r in report.rounds for p in r.problems]})
+
+    @app.get("/api/v1/tasks/<task_id>/rewards")
+    def rewards(task_id: str) -> Any:
+        return jsonify(coord.rewards(task_or_404(task_id)))
+
+    @app.get("/api/v1/tasks/<task_id>/anchors")
+    def anchors(task_id: str) -> Any:
+        keys = ("round", "status", "merkle_root", "model_hash", "manifest_hash", "ledger_hash", "tx_hash", "block_number",
+                "gas_used", "scores_tx", "scores_block", "credit_tx", "credit_block", "anchor_attempts", "anchor_error")
+        return jsonify([{k: r[k] for k in keys} for r in coord.rounds(task_or_404(task_id)) if r["status"] != "open"])
+
+    @app.get("/api/v1/tasks/<task_id>/model")
+    def model(task_id: str) -> Any:
+        latest = coord.latest_model(task_or_404(task_id))
+        assert latest is not None
+        round_, address = latest
+        try:
+            data = coord.store.get(address)
+        except StoreError as exc:
+            log.error("content store: %s", exc)
+            return error(exc.code, exc.detail, 500)
+        return Response(data, mimetype="application/octet-stream", headers={"X-Content-SHA256": address, "X-Round": str(round_)})
+
+    # -- admin ----------------------------------------------------------------------------------
+    @app.post("/api/v1/participants")
+    @admin
+    def register() -> Any:
+        data = _request_json()
+        raw = data.get("participants") if isinstance(data, dict) and "participants" in data else [data]
+        if isinstance(data, dict) and "participants" in data and len(data) != 1:
+            raise BadRequest("body: with participants, send no other field")
+        if not isinstance(raw, list) or not raw or len(raw) > MAX_PARTICIPANTS_PER_CALL:
+            raise BadRequest(f"participants must be a list of 1 to {MAX_PARTICIPANTS_PER_CALL} objects")
+        entries = [_participant_entry(p, f"participants[{i}]") for i, p in enumerate(raw)]
+        known = {p["node_id"]: p for p in coord.participants()}
+        for pub, role, edge, _ in entries:
+            if edge is not None and (edge not in known or known[edge]["role"] != "edge" or not known[edge]["active"]):
+                if not any(e[0].node_id == edge and e[1] == "edge" for e in entries):
+                    raise BadRequest(f"{pub.node_id[:16]}…: edge {edge[:16]}… is not an active edge server", 422, "unknown_edge")
+        try:
+            coord.register(entries)
+        except ValueError as exc:
+            raise BadRequest(str(exc), 409, "conflict") from None
+        return jsonify({"registered": [e[0].node_id for e in entries]}), 201
+
+    @app.delete("/api/v1/participants/<node_id>")
+    @admin
+    def remove(node_id: str) -> Any:
+        if not coord.remove(_hex32(node_id, "node id")):
+            return error("not_found", "no active participant with this node id", 404)
+        return jsonify({"removed": node_id})
+
+    @app.post("/api/v1/artifacts")
+    @admin
+    def upload() -> Any:
+        if request.mimetype != "application/octet-stream":
+            return error("bad_content_type", "send the artifact as application/octet-stream", 415)
+        data = request.get_data(cache=False)
+        if not data:
+            raise BadRequest("empty artifact")
+        return jsonify({"address": coord.store.put(data)}), 201
+
+    @app.post("/api/v1/tasks")
+    @admin
+    def publish() -> Any:
+        d = _json_object({"spec_hash": (str, True), "reward_wei": ((int, str), False)}, _request_json())
+        reward = d.get("reward_wei", 0)
+        if isinstance(reward, str):
+            if not reward.isdigit():
+                raise BadRequest("reward_wei must be a non-negative integer (a decimal string for large values)")
+            reward = int(reward)
+        if reward < 0 or reward >= 2**256:
+            raise BadRequest("reward_wei must be in [0, 2**256)")
+        try:
+            spec = CODEC.decode(coord.store.get(_hex32(d["spec_hash"], "spec_hash")), TaskSpec)
+            front = coord.store.get(spec.front_model_hash)
+            initial = CODEC.decode(coord.store.get(spec.initial_model_hash), ModelWeights)
+        except StoreError as exc:
+            raise BadRequest(f"upload the task's artifacts first: {exc}", 422, "missing_artifact") from None
+        except CrowdflError as exc:
+            raise BadRequest(f"not a task spec / model: {exc}", 422, "bad_artifact") from None
+        if initial.task_id != spec.task_id:
+            raise BadRequest("the initial model belongs to another task", 422, "bad_artifact")
+        try:
+            spec_hash = coord.publish_task(spec, front, initial, reward_wei=reward)
+        except ValueError as exc:
+            raise BadRequest(str(exc), 409, "conflict") from None
+        except ChainError as exc:  # publish_task queues chain work; this is a chain read failing
+            raise BadRequest(f"chain unavailable: {exc}", 503, "chain_unavailable") from None
+        return jsonify({"task_id": spec.task_id, "spec_hash": spec_hash}), 201
 
     return app
 

@@ -5,13 +5,18 @@ copy of the store can run this. For every round up to the model's, it checks tha
 manifest is in the store, that the Merkle root of its updates is the anchored root, that every
 update is signed by an edge server registered on chain for a registered customer, and that
 re-running the round's aggregation rule on the valid updates reproduces, byte for byte, the
-anchored global model and manifest.
+anchored global model and manifest. The manifest names the round's ledger; the audit redoes the
+customer selection (public seed, previous round's reputations), the scores, the reputations and
+the reward split, and checks them against the ledger and against what the chain recorded
+(setScores and credit events).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from crowdfl.envelope import parse, verify
 from crowdfl.errors import CrowdflError
@@ -19,8 +24,18 @@ from crowdfl.identity import PublicIdentity
 from crowdfl.merkle import merkle_root
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, TaskSpec, sha256_hex
 
+from .aggregation import AggregationResult
 from .chain import ChainError
-from .contracts import CrowdContracts, Role
+from .contracts import CrowdContracts, Role, RoundEntries
+from .ledger import (
+    LedgerPolicy,
+    chain_credits,
+    chain_scores,
+    ledger_bytes,
+    parse_ledger,
+    round_ledger,
+    select_customers,
+)
 from .rounds import build_round
 from .store import ContentStore
 
@@ -33,6 +48,9 @@ class UpdateFinding:
     num_samples: int
     status: str  # accepted | rejected
     reason: str = ""
+    score: float | None = None
+    reputation: float | None = None
+    reward_wei: int = 0
 
 
 @dataclass
@@ -44,8 +62,13 @@ class RoundFinding:
     manifest_hash: str
     accuracy: float
     rule: str
+    selected: int = 0
+    ledger_hash: str = ""
+    scores_tx: str = ""
+    credit_tx: str = ""
     updates: list[UpdateFinding] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,10 +92,18 @@ class AuditReport:
                 f"  round {r.round}: block {r.block_number} tx {r.tx_hash[:18]}… rule {r.rule}, "
                 f"{acc} accepted / {len(r.updates) - acc} rejected, held-out accuracy {r.accuracy:.3f}"
             )
+            if r.ledger_hash:
+                paid = sum(u.reward_wei for u in r.updates)
+                out.append(
+                    f"    ledger {r.ledger_hash[:12]}: {r.selected} selected, scores on chain "
+                    f"{'tx ' + r.scores_tx[:18] + '…' if r.scores_tx else 'not yet'}, {paid} wei rewarded"
+                    + (f" (tx {r.credit_tx[:18]}…)" if r.credit_tx else "")
+                )
             for u in r.updates:
                 if u.status != "accepted":
                     out.append(f"    rejected {u.update_hash[:12]} (customer {u.customer[:12]}, edge {u.edge[:12]}): {u.reason}")
             out.extend(f"    PROBLEM: {p}" for p in r.problems)
+            out.extend(f"    note: {n}" for n in r.notes)
         out.extend(f"  PROBLEM: {p}" for p in self.problems)
         out.extend(f"  note: {n}" for n in self.notes)
         return out
@@ -90,6 +121,8 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             report.problems.append("the task's anchored spec names another task id")
             return report
         anchors = {a.round: a for a in contracts.anchors(tid)}
+        scored = contracts.scores_set(tid)
+        credited = contracts.credits(tid)
     except (CrowdflError, ChainError, ValueError) as exc:
         report.problems.append(f"cannot start: {exc}")
         return report
@@ -109,6 +142,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             active_cache[key] = contracts.is_active(bytes.fromhex(node), role)
         return active_cache[key]
 
+    reputation: dict[str, float] = {}  # after the previous round, as rebuilt by this audit
     for r in range(1, model.round + 1):
         anchor = anchors.get(r)
         if anchor is None:
@@ -133,6 +167,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         reasons = dict(x.split(":", 1) for x in manifest.rejected)
         candidates: list[tuple[str, ModelUpdate]] = []
         invalid: list[tuple[str, str]] = []
+        invalid_customers: list[tuple[str, str]] = []
         for h in manifest.updates:
             try:
                 sealed = parse(store.get(h))
@@ -151,18 +186,62 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
                 candidates.append((h, upd))
             else:
                 invalid.append((h, reasons.get(h, "invalid").removeprefix("invalid:")))
+                invalid_customers.append((upd.customer, reasons.get(h, "invalid").removeprefix("invalid:")))
         if finding.problems:
             break
+        stored: dict[str, Any] | None = None
+        rebuilt_ledger: list[dict[str, Any]] = []
+        if manifest.ledger_hash:
+            finding.ledger_hash = manifest.ledger_hash
+            try:
+                stored = parse_ledger(store.get(manifest.ledger_hash))
+                policy = LedgerPolicy.from_json(stored["policy"])
+            except (CrowdflError, ValueError, TypeError) as exc:
+                finding.problems.append(f"ledger: {exc}")
+                break
+            selected = select_customers(policy, reputation, stored["eligible"], spec.task_id, r)
+            finding.selected = len(selected)
+            if list(selected) != stored["selected"]:
+                finding.problems.append("the round's customers are not the ones the reputation draw selects")
+            chosen = set(selected)
+            for u in finding.updates:
+                if u.status == "accepted" and u.customer not in chosen:
+                    finding.problems.append(f"accepted update {u.update_hash[:12]} is from a customer not selected for the round")
+
+            def remake(ordered: Sequence[tuple[str, ModelUpdate]], result: AggregationResult) -> str:
+                assert stored is not None
+                again = round_ledger(
+                    policy, spec.task_id, r, stored["eligible"], selected, reputation, ordered, result,
+                    invalid_customers, int(stored["pool_wei"]), set(stored["rewards"]),
+                )
+                rebuilt_ledger.append(again)
+                return sha256_hex(ledger_bytes(again))
         try:
             rebuilt = build_round(
                 spec, r, base, candidates, invalid, manifest.rule, json.loads(manifest.rule_params),
-                accuracy=manifest.held_out_accuracy,
+                accuracy=manifest.held_out_accuracy, ledger=remake if stored is not None else None,
             )
         except (ValueError, CrowdflError) as exc:
             finding.problems.append(f"cannot re-run the aggregation: {exc}")
             break
         if sha256_hex(rebuilt.model_bytes) != anchor.model_hash.hex():
             finding.problems.append("re-running the aggregation does not reproduce the anchored model")
+        if stored is not None and rebuilt_ledger:
+            again = rebuilt_ledger[0]
+            if ledger_bytes(again) != ledger_bytes(stored):
+                differs = sorted(k for k in again if again[k] != stored.get(k))
+                finding.problems.append(f"the ledger does not follow from the round's updates and history ({', '.join(differs)} differ)")
+            _check_chain_record(finding, scored.get(r), chain_scores(again), lambda v: round(v * 1000), "scores")
+            _check_chain_record(finding, credited.get(r), chain_credits(again), lambda v: v, "rewards")
+            if scored.get(r):
+                finding.scores_tx = "0x" + scored[r].tx_hash.hex()
+            if credited.get(r):
+                finding.credit_tx = "0x" + credited[r].tx_hash.hex()
+            for u in finding.updates:
+                u.score = again["scores"].get(u.customer)
+                u.reputation = again["reputation_after"].get(u.customer)
+                u.reward_wei = int(again["rewards"].get(u.customer, "0")) if u.status == "accepted" else 0
+            reputation = {c: float(v) for c, v in again["reputation_after"].items()}
         if sha256_hex(rebuilt.manifest_bytes) != anchor.manifest_hash.hex():
             finding.problems.append("re-running the round does not reproduce the anchored manifest")
         base = anchor.model_hash.hex()
@@ -170,3 +249,21 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         report.problems.append(f"round {model.round}'s anchored model is {anchors[model.round].model_hash.hex()[:16]}…, not this one")
     report.notes.append("registry checks use the chain's current registry state")
     return report
+
+
+def _check_chain_record(
+    finding: RoundFinding, record: RoundEntries | None, expected: dict[str, Any], to_chain: Any, what: str
+) -> None:
+    """The chain's setScores / credit of a round must match the ledger; it may leave out customers
+    removed before it was sent, and may still be pending (a note, not a problem)."""
+    if record is None:
+        if expected:
+            finding.notes.append(f"{what} of round {finding.round} not (yet) recorded on chain")
+        return
+    want = {bytes.fromhex(c): int(to_chain(v)) for c, v in expected.items()}
+    for key, value in record.values.items():
+        if key not in want:
+            finding.problems.append(f"chain {what} name 0x{key.hex()[:12]}, which the ledger does not")
+        elif want[key] != value:
+            finding.problems.append(f"chain {what} for 0x{key.hex()[:12]} is {value}, the ledger says {want[key]}")
+

@@ -13,16 +13,22 @@ carries the contract's revert string where the back end reports it.
 EthereumJS 0.9.0 quirks handled here (see shared/dependency-notes.md):
 * ``eth_gasPrice`` crashes after a few blocks, so set ``gas_price_wei`` for it.
 * "pending" is not a block tag it knows, so nonces start from "latest".
+* A reverting ``eth_call`` returns the Error(string) data as its result and
+  ``eth_estimateGas`` does not fail, so the dry run before each send decodes the result.
 * Its receipts have no ``status``. A receipt without one is judged failed when the
-  transaction used all its gas (out of gas / invalid opcode) or, for calls that
-  must emit an event (all state changes of crowdfl's contracts do), when it has no
-  logs; a plain ether transfer always uses exactly its 21,000 gas and counts as done. A failed transaction is then replayed with ``eth_call`` on the state
-  before its block to recover the revert reason (best effort: other transactions
-  earlier in the same block are not replayed).
+  transaction used all its gas (out of gas / invalid opcode; a plain ether transfer,
+  which always uses exactly 21,000, excepted) or, for calls that must emit an event
+  (all state changes of crowdfl's contracts do), when it has no logs. A failed
+  transaction is then replayed with ``eth_call`` on the state before its block to
+  recover the revert reason (best effort: earlier transactions of the same block are
+  not replayed).
+* Right after indexing a transaction it may answer the receipt query with "value ...
+  not found in DB"; receipt polling treats node errors as "not yet" until the timeout.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +45,8 @@ from web3.contract.contract import ContractEvent, ContractFunction
 from web3.exceptions import ContractLogicError, TransactionNotFound, Web3Exception
 from web3.middleware import ExtraDataToPOAMiddleware
 from web3.types import BlockIdentifier, EventData, TxParams, TxReceipt
+
+log = logging.getLogger(__name__)
 
 try:  # eth-tester is a test/embedded-only dependency
     from eth_tester.exceptions import TransactionFailed as _TesterTransactionFailed
@@ -86,7 +94,7 @@ class ChainConfig:
 
     kind: ChainKind = "embedded"
     rpc_url: str | None = None
-    private_key: str | None = None  # hex; embedded: None = generate a fresh key
+    private_key: str | None = field(default=None, repr=False)  # hex; embedded: None = a fresh key
     chain_id: int | None = None  # None = trust the node; else refuse any other chain
     confirmations: int = 0  # extra blocks on top of the receipt's (reorg-safe depth)
     gas_price_wei: int | None = None  # None = ask the node (never for EthereumJS 0.9.0)
@@ -399,7 +407,14 @@ def _connect_rpc(cfg: ChainConfig) -> ChainClient:
         account: LocalAccount = Account.from_key(cfg.private_key)
     except (ValueError, TypeError) as exc:
         raise ChainError(f"bad private key: {type(exc).__name__}") from None
-    chain_id = _check_chain_id(w3, cfg)
+    try:
+        chain_id = _check_chain_id(w3, cfg)
+    except ChainError as exc:
+        if cfg.chain_id is None or "expects" in str(exc):
+            raise
+        # The node is down: with the chain id fixed by config, start anyway; transactions wait.
+        log.warning("chain node unreachable at start-up (%s); continuing with chain id %d", exc, cfg.chain_id)
+        chain_id = cfg.chain_id
     poll = cfg.poll_interval_s
     return ChainClient(w3, account, cfg, chain_id, lambda: time.sleep(poll))
 

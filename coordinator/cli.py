@@ -16,6 +16,8 @@ from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
 from crowdfl.runtime import setup_logging, stop_on_signals
 
+from .reputation import ReputationConfig
+
 log = logging.getLogger("crowdfl.coordinator")
 
 
@@ -41,6 +43,10 @@ class CoordinatorConfig:
     round_timeout_s: float = 3600.0
     byzantine_fraction: float = 0.2
     trim_beta: float = 0.1
+    # bearer token for the admin API (register/remove participants, publish tasks); empty: disabled
+    admin_token: str = ""
+    max_participants: int = 0  # customers per round; 0: every eligible one
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
 
     @property
     def key_file(self) -> Path:
@@ -57,7 +63,7 @@ def load(path: Path | None) -> CoordinatorConfig:
 
 def _contracts(cfg: CoordinatorConfig):  # type: ignore[no-untyped-def]
     """Connect to the chain; deploy the contracts once and remember their addresses."""
-    from .chain import ChainConfig, connect
+    from .chain import ChainConfig, ChainError, connect
     from .contracts import CrowdContracts
 
     key = None
@@ -69,7 +75,14 @@ def _contracts(cfg: CoordinatorConfig):  # type: ignore[no-untyped-def]
     ))
     deployment = cfg.state_dir / "deployment.json"
     if cfg.chain.kind == "rpc" and deployment.exists():
-        return CrowdContracts.at(client, json.loads(deployment.read_text()))
+        addresses = json.loads(deployment.read_text())
+        try:
+            return CrowdContracts.at(client, addresses)
+        except ChainError as exc:
+            if exc.reverted:
+                raise
+            log.warning("chain unreachable (%s): starting anyway, chain work is queued until it is back", exc)
+            return CrowdContracts.at(client, addresses, check=False)
     contracts = CrowdContracts.deploy(client)
     if cfg.chain.kind == "rpc":
         deployment.write_text(json.dumps(contracts.addresses, indent=2))
@@ -83,6 +96,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
 
     from .api import ApiServer, create_app
     from .db import make_sessions
+    from .ledger import LedgerPolicy
     from .service import Coordinator, HeldOut
     from .store import LocalContentStore
     from .task_model import TaskDesign, design_task
@@ -95,6 +109,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     coord = Coordinator(
         ident, make_sessions(cfg.db_url), store, contracts, lambda t, p, r: link.publish(t, p, qos=1, retain=r),
         byzantine_fraction=cfg.byzantine_fraction, trim_beta=cfg.trim_beta,
+        policy=LedgerPolicy(cfg.reputation, cfg.max_participants),
     )
     if new_task is not None and not coord.running_tasks():
         designed = design_task(TaskDesign(rounds=int(new_task["rounds"]), epsilon=new_task["epsilon"]), datetime(2026, 9, 1, tzinfo=UTC))
@@ -104,7 +119,9 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
         coord.evaluate = HeldOut(*_held_out(coord, store, task_id))
     coord.sync_registry()
     coord.republish()
-    api = ApiServer(create_app(coord), cfg.api_host, cfg.api_port)
+    if not cfg.admin_token:
+        log.warning("admin_token is not set: the admin API (participants, tasks) refuses every request")
+    api = ApiServer(create_app(coord, cfg.admin_token), cfg.api_host, cfg.api_port)
     api.start()
     log.info("coordinator %s serving on %s", short_id(ident.node_id), api.url)
     stop = stop_on_signals()
@@ -116,6 +133,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
                     log.info("round %d closed: accuracy %.3f, %d accepted, %d rejected", summary.round, summary.accuracy, summary.accepted, summary.rejected)
             except CrowdflError as exc:
                 log.error("task %s: %s", task_id[:12], exc)
+        coord.anchor_pending()  # retried until the chain takes it, also for tasks already done
         stop.wait(1.0)
     api.stop()
     link.stop()
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.role} {args.node_id[:16]} registered")
         else:
             return serve(cfg, {"rounds": args.rounds, "epsilon": args.epsilon} if args.new_task else None)
-    except (CrowdflError, OSError) as exc:
+    except (CrowdflError, OSError, ValueError) as exc:
         print(f"crowdfl-coordinator: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -31,6 +31,7 @@ __all__ = [
     "Receipt",
     "Role",
     "RoundAnchor",
+    "RoundEntries",
     "TaskRecord",
     "find_build_dir",
     "load_artifact",
@@ -59,6 +60,16 @@ class RoundAnchor:
     manifest_hash: bytes
     accepted: int
     rejected: int
+    tx_hash: bytes
+    block_number: int
+
+
+@dataclass(frozen=True)
+class RoundEntries:
+    """A round's ScoresSet (values x1000) or Credited (wei) event as read back from the chain."""
+
+    round: int
+    values: dict[bytes, int]
     tx_hash: bytes
     block_number: int
 
@@ -155,15 +166,17 @@ class CrowdContracts:
         addresses: Mapping[str, str],
         build_dir: Path | str | None = None,
         from_block: int = 0,
+        check: bool = True,
     ) -> CrowdContracts:
-        """Attach to deployed contracts, checking they hold code and are wired together."""
+        """Attach to deployed contracts, checking they hold code and are wired together
+        (``check=False``: the chain is unreachable now; calls fail until it is back)."""
         checked: dict[str, str] = {}
         for name in CONTRACT_NAMES:
             addr = addresses.get(name)
             if not isinstance(addr, str) or not Web3.is_address(addr):
                 raise ValueError(f"addresses[{name!r}] must be an address, got {addr!r}")
             checked[name] = Web3.to_checksum_address(addr)
-            if len(client.code_at(checked[name])) == 0:
+            if check and len(client.code_at(checked[name])) == 0:
                 raise ChainError(f"no contract code at {name} address {checked[name]}")
         self = cls(
             client,
@@ -171,6 +184,8 @@ class CrowdContracts:
             client.contract(checked["CrowdTasks"], load_artifact("CrowdTasks", build_dir).abi),
             from_block=from_block,
         )
+        if not check:
+            return self
         wired = _address(client.call(self.tasks.functions.registry()), "CrowdTasks.registry()")
         if wired != checked["Registry"]:
             raise ChainError(f"CrowdTasks uses registry {wired}, not {checked['Registry']}")
@@ -225,6 +240,12 @@ class CrowdContracts:
             _uint(deadline, "deadline", _UINT64_MAX),
         )
         return self.client.transact(fn, value=_uint(reward_wei, "reward_wei", _UINT256_MAX))
+
+    def task_exists(self, task_id: bytes) -> bool:
+        raw = self.client.call(self.tasks.functions.task(_b32(task_id, "task_id")))
+        if not isinstance(raw, (list, tuple)) or len(raw) != 7:
+            raise ChainError(f"task(): expected 7 values, got {raw!r}")
+        return _bool(raw[0], "task().exists")
 
     def task(self, task_id: bytes) -> TaskRecord:
         raw = self.client.call(self.tasks.functions.task(_b32(task_id, "task_id")))
@@ -320,6 +341,39 @@ class CrowdContracts:
             _b32(task_id, "task_id"), _uint(round, "round", _UINT32_MAX, minimum=1), keys, milli
         )
         return self.client.transact(fn)
+
+    def scores_set(self, task_id: bytes) -> dict[int, RoundEntries]:
+        """Every round's ScoresSet event of a task (a round is scored once)."""
+        return self._round_entries(self.tasks.events.ScoresSet(), "scoresMilli", task_id)
+
+    def credits(self, task_id: bytes) -> dict[int, RoundEntries]:
+        """Every round's Credited event of a task (a round is credited once)."""
+        return self._round_entries(self.tasks.events.Credited(), "amounts", task_id)
+
+    def _round_entries(self, event: Any, values_name: str, task_id: bytes) -> dict[int, RoundEntries]:
+        tid = _b32(task_id, "task_id")
+        out: dict[int, RoundEntries] = {}
+        for ev in self.client.logs(event, {"taskId": tid}, from_block=self.from_block):
+            if ev.get("removed"):
+                continue
+            if str(ev.get("address", "")).lower() != str(self.tasks.address).lower():
+                raise ChainError(f"{event.event_name} log from unexpected address {ev.get('address')!r}")
+            args = ev.get("args")
+            if not isinstance(args, Mapping) or _out_b32(args.get("taskId"), "taskId") != tid:
+                raise ChainError(f"{event.event_name} log without this task's decoded args")
+            r = _out_uint(args.get("round"), f"{event.event_name}.round", _UINT32_MAX, minimum=1)
+            keys, values = args.get("keys"), args.get(values_name)
+            if not isinstance(keys, (list, tuple)) or not isinstance(values, (list, tuple)) or len(keys) != len(values):
+                raise ChainError(f"{event.event_name}: keys and values do not pair up")
+            if r in out:
+                raise ChainError(f"{event.event_name}: round {r} appears twice in the logs")
+            out[r] = RoundEntries(
+                round=r,
+                values={_out_b32(k, "key"): _out_uint(v, "value", _UINT256_MAX) for k, v in zip(keys, values, strict=True)},
+                tx_hash=_out_b32(ev.get("transactionHash"), "log.transactionHash"),
+                block_number=_out_uint(ev.get("blockNumber"), "log.blockNumber", _UINT64_MAX),
+            )
+        return out
 
     def reputation_of(self, key: bytes) -> float:
         raw = self.client.call(self.tasks.functions.reputationOf(_b32(key, "key")))

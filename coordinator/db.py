@@ -36,7 +36,10 @@ class Participant(Base):
     edge: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a device's edge server
     payout: Mapped[str | None] = mapped_column(String(42), nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # whether the chain's registry agrees with ``active`` (registration or removal still queued)
     on_chain: Mapped[bool] = mapped_column(Boolean, default=False)
+    registered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    removed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Task(Base):
@@ -47,6 +50,7 @@ class Task(Base):
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | done
     on_chain: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+    reward_wei: Mapped[str] = mapped_column(String(80), default="0")  # decimal; uint256 overflows SQL ints
 
 
 class Round(Base):
@@ -56,6 +60,7 @@ class Round(Base):
     status: Mapped[str] = mapped_column(String(16))  # open | closed | anchored
     base_model_hash: Mapped[str] = mapped_column(String(64))
     selected: Mapped[str] = mapped_column(Text)  # JSON list of node ids
+    eligible: Mapped[str] = mapped_column(Text, default="[]")  # JSON: active devices when it opened
     opened_at: Mapped[float] = mapped_column(Float)
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     model_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -69,6 +74,14 @@ class Round(Base):
     gas_used: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     anchor_attempts: Mapped[int] = mapped_column(Integer, default=0)
     anchor_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    ledger_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # scores, reputation, rewards
+    # after the anchor: the round's scores (setScores) and rewards (credit) mirrored on chain
+    settled: Mapped[bool] = mapped_column(Boolean, default=False)
+    scores_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)
+    scores_block: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    credit_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)
+    credit_block: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    settle_note: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
 
 class Update(Base):
@@ -85,6 +98,19 @@ class Update(Base):
     num_samples: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[float] = mapped_column(Float)
     proof: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list of hex Merkle siblings
+
+
+class Reputation(Base):
+    """A customer's standing in a task after each round (history kept for the dashboard)."""
+
+    __tablename__ = "reputation"
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    customer: Mapped[str] = mapped_column(String(64), primary_key=True)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: not scored this round
+    reputation: Mapped[float] = mapped_column(Float)
+    reward_wei: Mapped[str] = mapped_column(String(80), default="0")
+    selected: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 def make_engine(url: str) -> Engine:

@@ -18,7 +18,10 @@ from crowdfl.errors import WireError
 from crowdfl.merkle import merkle_proof, merkle_root
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, TaskSpec, sha256_hex
 
-from .aggregation import AggregationRule, aggregate
+from .aggregation import AggregationResult, AggregationRule, aggregate
+
+# Given the aggregation's input (in its order) and result, stores the round's ledger; returns its hash.
+LedgerMaker = Callable[[Sequence[tuple[str, ModelUpdate]], AggregationResult], str]
 
 
 def check_update(update: ModelUpdate, spec: TaskSpec, round_: int, base_model_hash: str) -> None:
@@ -68,6 +71,8 @@ def build_round(
     params: dict[str, Any],
     evaluate: Callable[[list[np.ndarray]], float] | None = None,
     accuracy: float | None = None,
+    ledger: LedgerMaker | None = None,
+    ledger_hash: str = "",
 ) -> BuiltRound:
     """Aggregate the valid updates (in hash order) and describe the round in a manifest."""
     if not candidates:
@@ -76,6 +81,8 @@ def build_round(
     hashes = [h for h, _ in ordered]
     result = aggregate(rule, [list(u.weights) for _, u in ordered], [u.num_samples for _, u in ordered], **params)
     kept = tuple(hashes[i] for i in result.kept)
+    if ledger is not None:
+        ledger_hash = ledger(ordered, result)
     weights = [np.asarray(w, dtype=np.float32) for w in result.weights]
     model = ModelWeights(spec.task_id, round_, tuple(weights))
     model_bytes = CODEC.encode(model)
@@ -101,6 +108,7 @@ def build_round(
         rejected=tuple(rejected),
         merkle_root=root.hex(),
         held_out_accuracy=float(accuracy),
+        ledger_hash=ledger_hash,
     )
     proofs = {h: [p.hex() for p in merkle_proof(leaf_bytes, i)] for i, h in enumerate(leaves)}
     return BuiltRound(model, model_bytes, manifest, CODEC.encode(manifest), proofs, kept)

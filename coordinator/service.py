@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import select
+from web3 import Web3
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -26,10 +27,12 @@ from crowdfl.identity import Identity, PublicIdentity
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundStart, TaskSpec, sha256_hex
 from crowdfl.mqtt import round_topic, task_topic
 
+from .aggregation import AggregationResult, AggregationRule
 from .anchoring import Anchored, Anchorer
 from .chain import ChainError
 from .contracts import CrowdContracts, Role
-from .db import Participant, Round, Task, Update
+from .db import Participant, Reputation, Round, Task, Update
+from .ledger import LedgerPolicy, ledger_bytes, parse_ledger, round_ledger, round_pool, select_customers
 from .rounds import build_round, check_update, rule_params
 from .store import ContentStore
 
@@ -81,6 +84,7 @@ class Coordinator:
         evaluate: Callable[[list[np.ndarray]], float] | None = None,
         byzantine_fraction: float = 0.2,
         trim_beta: float = 0.1,
+        policy: LedgerPolicy | None = None,
     ) -> None:
         self.identity = identity
         self.sessions = sessions
@@ -90,43 +94,88 @@ class Coordinator:
         self.evaluate = evaluate
         self.byzantine_fraction = byzantine_fraction
         self.trim_beta = trim_beta
-        self.anchorer = Anchorer(sessions, contracts)
+        self.policy = policy or LedgerPolicy()
+        self.anchorer = Anchorer(sessions, contracts, store)
         self._lock = threading.RLock()
         self._specs: dict[str, TaskSpec] = {}
 
     # -- registry -------------------------------------------------------------------------------
     def register(self, entries: Sequence[tuple[PublicIdentity, str, str | None, str | None]]) -> None:
-        """(identity, role "device"|"edge", a device's edge node id, payout address) -> DB and chain."""
+        """(identity, role "device"|"edge", a device's edge node id, payout address) -> DB and chain.
+
+        The database is the source of truth at once; the chain follows (queued when it is down)."""
+        for pub, role, edge, payout in entries:
+            if role not in ("device", "edge"):
+                raise ValueError(f"role must be device or edge, got {role!r}")
+            if payout is not None and not Web3.is_address(payout):
+                raise ValueError(f"payout must be an Ethereum address, got {payout!r}")
+            if edge is not None and (len(edge) != 64 or any(c not in "0123456789abcdef" for c in edge)):
+                raise ValueError("edge must be an edge server's node id (64 lowercase hex characters)")
         with self.sessions.begin() as s:
             for pub, role, edge, payout in entries:
-                if role not in ("device", "edge"):
-                    raise ValueError(f"role must be device or edge, got {role!r}")
                 row = s.get(Participant, pub.node_id)
                 if row is None:
-                    s.add(Participant(node_id=pub.node_id, role=role, enc_key=pub.enc_key.hex(), edge=edge, payout=payout, active=True, on_chain=False))
+                    s.add(Participant(
+                        node_id=pub.node_id, role=role, enc_key=pub.enc_key.hex(), edge=edge, payout=payout,
+                        active=True, on_chain=False, registered_at=time.time(),
+                    ))
+                elif row.role != role:
+                    raise ValueError(f"{pub.node_id[:16]} is already registered as {row.role}")
                 else:
-                    row.active, row.edge = True, edge
+                    if not row.active:
+                        row.on_chain = False  # the chain still has it removed
+                    row.active, row.edge, row.removed_at = True, edge, None
         self.sync_registry()
 
+    def remove(self, node_id: str) -> bool:
+        """Deactivate a participant: its later updates are refused at once; the chain follows."""
+        with self._lock, self.sessions.begin() as s:
+            row = s.get(Participant, node_id)
+            if row is None or not row.active:
+                return False
+            row.active, row.on_chain, row.removed_at = False, False, time.time()
+        self.sync_registry()
+        return True
+
     def sync_registry(self) -> int:
-        """Register on chain whoever is not yet (retried after a chain outage)."""
+        """Bring the chain's registry in line with the database (retried after a chain outage).
+
+        A registration or removal may have reached the chain before a crash kept the database from
+        recording it, so a refused batch is checked against the chain before it is sent again."""
         with self.sessions() as s:
-            todo = list(s.scalars(select(Participant).where(Participant.on_chain.is_(False), Participant.active)))
+            todo = list(s.scalars(select(Participant).where(Participant.on_chain.is_(False))))
         if not todo:
             return 0
-        entries = [(bytes.fromhex(p.node_id), Role.EDGE if p.role == "edge" else Role.DEVICE, p.payout) for p in todo]
+        role = {p.node_id: Role.EDGE if p.role == "edge" else Role.DEVICE for p in todo}
+        adds = [p for p in todo if p.active]
+        drops = [p for p in todo if not p.active]
+        done: list[tuple[str, bool]] = []
         try:
-            for i in range(0, len(entries), 50):
-                self.contracts.register_many(entries[i : i + 50])
+            for i in range(0, len(adds), 50):
+                batch = adds[i : i + 50]
+                entries = [(bytes.fromhex(p.node_id), role[p.node_id], p.payout) for p in batch]
+                try:
+                    self.contracts.register_many(entries)
+                except ChainError as exc:
+                    if not exc.reverted:
+                        raise
+                    missing = [e for e in entries if not self.contracts.is_active(e[0], e[1])]
+                    if missing:
+                        self.contracts.register_many(missing)
+                done += [(p.node_id, True) for p in batch]
+            for p in drops:
+                key = bytes.fromhex(p.node_id)
+                if self.contracts.is_active(key, role[p.node_id]):
+                    self.contracts.remove(key)
+                done.append((p.node_id, False))
         except ChainError as exc:
             log.warning("registry sync deferred: %s", exc)
-            return 0
         with self.sessions.begin() as s:
-            for p in todo:
-                row = s.get(Participant, p.node_id)
-                if row is not None:
+            for node_id, active in done:
+                row = s.get(Participant, node_id)
+                if row is not None and row.active == active:  # not flipped again meanwhile
                     row.on_chain = True
-        return len(todo)
+        return len(done)
 
     def _participant(self, node_id: str) -> Participant | None:
         with self.sessions() as s:
@@ -146,6 +195,15 @@ class Coordinator:
         return seal(body, self.identity, time.time_ns())
 
     def publish_task(self, spec: TaskSpec, front_tflite: bytes, initial: ModelWeights, reward_wei: int = 0) -> str:
+        """Store the task's artifacts, record it, create it on chain (queued if the chain is down)
+        and publish it, retained, on MQTT. ``reward_wei`` is paid into the task's pool on chain."""
+        if isinstance(reward_wei, bool) or not isinstance(reward_wei, int) or not 0 <= reward_wei < 2**256:
+            raise ValueError(f"reward_wei must be an integer in [0, 2**256), got {reward_wei!r}")
+        if spec.rounds < 1:
+            raise ValueError("a task needs at least one round")
+        if spec.deadline <= time.time():
+            raise ValueError("the task's deadline has passed")
+        AggregationRule(spec.aggregation)  # ValueError naming the rules when unknown
         spec_bytes = CODEC.encode(spec)
         spec_hash = self.store.put(spec_bytes)
         if self.store.put(front_tflite) != spec.front_model_hash:
@@ -153,22 +211,58 @@ class Coordinator:
         if self.store.put(CODEC.encode(initial)) != spec.initial_model_hash:
             raise ValueError("initial model does not match the spec's hash")
         with self.sessions.begin() as s:
-            if s.get(Task, spec.task_id) is None:
-                s.add(Task(task_id=spec.task_id, spec_hash=spec_hash, spec=spec_bytes, created_at=time.time()))
-        self.contracts.create_task(
-            bytes.fromhex(spec.task_id), bytes.fromhex(spec_hash), spec.rounds, spec.epsilon, spec.deadline, reward_wei
-        )
-        with self.sessions.begin() as s:
             row = s.get(Task, spec.task_id)
-            assert row is not None
-            row.on_chain = True
+            if row is None:
+                s.add(Task(task_id=spec.task_id, spec_hash=spec_hash, spec=spec_bytes, created_at=time.time(), reward_wei=str(reward_wei)))
+            elif row.spec_hash != spec_hash:
+                raise ValueError(f"task {spec.task_id[:16]} already exists with another spec")
+        self.sync_tasks()
         self.publish(task_topic(spec.task_id), self._sign(spec_bytes), True)
         return spec_hash
 
-    def select(self, task_id: str, round_: int) -> list[str]:
-        """Customers for a round: every active registered device (reputation selection: issue 5)."""
+    def sync_tasks(self) -> int:
+        """Create on chain the tasks that are not there yet (a crash or an outage deferred them)."""
+        with self.sessions() as s:
+            todo = list(s.scalars(select(Task).where(Task.on_chain.is_(False))))
+        done = 0
+        for t in todo:
+            tid = bytes.fromhex(t.task_id)
+            spec = self.spec(t.task_id)
+            try:
+                if not self.contracts.task_exists(tid):
+                    self.contracts.create_task(tid, bytes.fromhex(t.spec_hash), spec.rounds, spec.epsilon, spec.deadline, int(t.reward_wei))
+            except ChainError as exc:
+                log.warning("creating task %s on chain deferred: %s", t.task_id[:12], exc)
+                return done
+            with self.sessions.begin() as s:
+                row = s.get(Task, t.task_id)
+                assert row is not None
+                row.on_chain = True
+            done += 1
+        return done
+
+    def eligible(self) -> list[str]:
         with self.sessions() as s:
             return sorted(s.scalars(select(Participant.node_id).where(Participant.role == "device", Participant.active)))
+
+    def ledger(self, task_id: str, round_: int) -> dict[str, Any] | None:
+        """A closed round's ledger, from the store (the same bytes the audit reads)."""
+        with self.sessions() as s:
+            row = s.get(Round, (task_id, round_))
+        if row is None or not row.ledger_hash:
+            return None
+        return parse_ledger(self.store.get(row.ledger_hash))
+
+    def reputations(self, task_id: str, after_round: int) -> dict[str, float]:
+        """Every known customer's reputation in a task after a round (empty before round 1)."""
+        ledger = self.ledger(task_id, after_round) if after_round >= 1 else None
+        return {c: float(v) for c, v in ledger["reputation_after"].items()} if ledger else {}
+
+    def select(self, task_id: str, round_: int, eligible: Sequence[str] | None = None) -> list[str]:
+        """Customers for a round: drawn by reputation among the active devices, newcomers get slots,
+        known customers below the floor are left out (coordinator/ledger.py, coordinator/reputation.py)."""
+        pool = self.eligible() if eligible is None else list(eligible)
+        return list(select_customers(self.policy, self.reputations(task_id, round_ - 1), pool, task_id, round_))
 
     def open_round(self, task_id: str, round_: int) -> RoundStart:
         spec = self.spec(task_id)
@@ -182,8 +276,12 @@ class Coordinator:
                     if prev is None or prev.model_hash is None:
                         raise ValueError(f"round {round_ - 1} is not closed")
                     base = prev.model_hash
-                selected = self.select(task_id, round_)
-                row = Round(task_id=task_id, round=round_, status="open", base_model_hash=base, selected=json.dumps(selected), opened_at=time.time())
+                eligible = self.eligible()
+                selected = self.select(task_id, round_, eligible)
+                row = Round(
+                    task_id=task_id, round=round_, status="open", base_model_hash=base, selected=json.dumps(selected),
+                    eligible=json.dumps(eligible), opened_at=time.time(),
+                )
                 s.add(row)
             rs = RoundStart(task_id, round_, row.base_model_hash, tuple(json.loads(row.selected)), spec.deadline)
         self.publish(round_topic(task_id), self._sign(CODEC.encode(rs)), True)
@@ -226,7 +324,9 @@ class Coordinator:
                 return IntakeResult(409, "rejected", f"round_closed: round {update.round} is not open")
             customer = self._participant(update.customer)
             reason = ""
-            if customer is None or customer.role != "device" or not customer.active:
+            if customer is not None and customer.role == "device" and not customer.active:
+                reason = "removed_customer: the manufacturer removed this device"
+            elif customer is None or customer.role != "device":
                 reason = "unknown_customer"
             elif customer.edge != sealed.sender_id:
                 reason = "wrong_edge: the customer is not served by this edge"
@@ -242,7 +342,7 @@ class Coordinator:
                 with self.sessions.begin() as s:
                     s.add(Update(
                         task_id=update.task_id, round=update.round, customer=update.customer, edge=sealed.sender_id,
-                        update_hash=update_hash, status="rejected" if reason else "received", reason=reason or None,
+                        update_hash=update_hash, status="rejected" if reason else "received", reason=reason[:200] or None,
                         num_samples=update.num_samples, received_at=time.time(),
                     ))
             except IntegrityError:
@@ -273,7 +373,24 @@ class Coordinator:
             candidates = [(u.update_hash, CODEC.decode(parse(self.store.get(u.update_hash)).body, ModelUpdate)) for u in ups if u.status == "received"]
             invalid = [(u.update_hash, u.reason or "invalid") for u in ups if u.status == "rejected"]
             params = rule_params(spec.aggregation, len(candidates), self.byzantine_fraction, self.trim_beta)
-            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, spec.aggregation, params, self.evaluate)
+            with self.sessions() as s:
+                task = s.get(Task, task_id)
+                assert task is not None
+                payees = set(s.scalars(select(Participant.node_id).where(Participant.role == "device", Participant.payout.is_not(None))))
+            pool = round_pool(int(task.reward_wei), spec.rounds, round_)
+            ledgers: list[dict[str, Any]] = []
+
+            def make_ledger(ordered: Sequence[tuple[str, ModelUpdate]], result: AggregationResult) -> str:
+                ledger = round_ledger(
+                    self.policy, task_id, round_, json.loads(rnd.eligible), json.loads(rnd.selected),
+                    self.reputations(task_id, round_ - 1), ordered, result,
+                    [(u.customer, u.reason or "invalid") for u in ups if u.status == "rejected"], pool, payees,
+                )
+                ledgers.append(ledger)
+                return self.store.put(ledger_bytes(ledger))
+
+            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, spec.aggregation, params, self.evaluate, ledger=make_ledger)
+            ledger = ledgers[0]
             model_hash = self.store.put(built.model_bytes)
             manifest_hash = self.store.put(built.manifest_bytes)
             kept = set(built.kept)
@@ -294,6 +411,13 @@ class Coordinator:
                 rnd.accuracy = built.manifest.held_out_accuracy
                 rnd.accepted = len(built.manifest.accepted)
                 rnd.rejected = len(built.manifest.rejected)
+                rnd.ledger_hash = built.manifest.ledger_hash
+                chosen = set(ledger["selected"])
+                for customer, reputation in ledger["reputation_after"].items():
+                    s.merge(Reputation(
+                        task_id=task_id, round=round_, customer=customer, score=ledger["scores"].get(customer),
+                        reputation=reputation, reward_wei=ledger["rewards"].get(customer, "0"), selected=customer in chosen,
+                    ))
                 summary = self._summary(rnd)
         return summary
 
@@ -306,7 +430,10 @@ class Coordinator:
         )
 
     def anchor_pending(self) -> list[Anchored]:
+        """Everything the chain is behind on: registry, tasks, then rounds (anchor, scores, rewards)."""
         with self._lock:
+            self.sync_registry()
+            self.sync_tasks()
             return self.anchorer.anchor_pending()
 
     def step(self, task_id: str, round_timeout_s: float, now: float | None = None) -> RoundSummary | None:
@@ -324,7 +451,12 @@ class Coordinator:
             self.open_round(task_id, 1)
         elif rnd.status == "open":
             got, want = self.round_progress(task_id, rnd.round)
-            if got >= want or (got > 0 and now - rnd.opened_at > round_timeout_s):
+            with self.sessions() as s:
+                valid = s.scalars(
+                    select(Update.id).where(Update.task_id == task_id, Update.round == rnd.round, Update.status == "received").limit(1)
+                ).first()
+            # a round needs one valid update for a model; until then it waits for more (or the timeout)
+            if valid is not None and (got >= want or now - rnd.opened_at > round_timeout_s):
                 closed = self.close_round(task_id, rnd.round)
                 if rnd.round < spec.rounds:
                     self.open_round(task_id, rnd.round + 1)
@@ -365,15 +497,154 @@ class Coordinator:
                 "round": r.round, "status": r.status, "accuracy": r.accuracy, "selected": len(json.loads(r.selected)),
                 "accepted": r.accepted, "rejected": r.rejected, "model_hash": r.model_hash,
                 "manifest_hash": r.manifest_hash, "merkle_root": r.merkle_root, "tx_hash": r.tx_hash,
-                "block_number": r.block_number, "gas_used": r.gas_used,
+                "block_number": r.block_number, "gas_used": r.gas_used, "ledger_hash": r.ledger_hash,
+                "opened_at": r.opened_at, "closed_at": r.closed_at, "settled": r.settled,
+                "scores_tx": r.scores_tx, "scores_block": r.scores_block, "credit_tx": r.credit_tx,
+                "credit_block": r.credit_block, "anchor_attempts": r.anchor_attempts, "anchor_error": r.anchor_error,
+                "settle_note": r.settle_note,
             }
             for r in rows
         ]
 
+    def round_detail(self, task_id: str, round_: int) -> dict[str, Any] | None:
+        """One round for the dashboard: who was selected, every update with its fate and reason."""
+        with self.sessions() as s:
+            rnd = s.get(Round, (task_id, round_))
+            if rnd is None:
+                return None
+            ups = list(s.scalars(select(Update).where(Update.task_id == task_id, Update.round == round_).order_by(Update.id)))
+            reps = {r.customer: r for r in s.scalars(select(Reputation).where(Reputation.task_id == task_id, Reputation.round == round_))}
+        summary = next(r for r in self.rounds(task_id) if r["round"] == round_)
+        return {
+            **summary,
+            "base_model_hash": rnd.base_model_hash,
+            "selected_customers": json.loads(rnd.selected),
+            "eligible": len(json.loads(rnd.eligible)),
+            "updates": [
+                {
+                    "update_hash": u.update_hash, "customer": u.customer, "edge": u.edge, "status": u.status,
+                    "reason": u.reason, "num_samples": u.num_samples, "received_at": u.received_at,
+                    "score": reps[u.customer].score if u.customer in reps else None,
+                    "reputation": reps[u.customer].reputation if u.customer in reps else None,
+                    "reward_wei": reps[u.customer].reward_wei if u.customer in reps else "0",
+                }
+                for u in ups
+            ],
+        }
+
+    def reputation_history(self, task_id: str) -> dict[str, list[dict[str, Any]]]:
+        """customer -> [{round, score, reputation, reward_wei, selected}], rounds ascending."""
+        with self.sessions() as s:
+            rows = list(s.scalars(select(Reputation).where(Reputation.task_id == task_id).order_by(Reputation.customer, Reputation.round)))
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            out.setdefault(r.customer, []).append(
+                {"round": r.round, "score": r.score, "reputation": r.reputation, "reward_wei": r.reward_wei, "selected": r.selected}
+            )
+        return out
+
+    def customer(self, node_id: str) -> dict[str, Any] | None:
+        """What a customer may see about itself: contributions, reputation, rewards, budget used."""
+        with self.sessions() as s:
+            p = s.get(Participant, node_id)
+            if p is None or p.role != "device":
+                return None
+            ups = list(s.scalars(select(Update).where(Update.customer == node_id).order_by(Update.received_at)))
+            reps = list(s.scalars(select(Reputation).where(Reputation.customer == node_id).order_by(Reputation.round)))
+        latest_task = ups[-1].task_id if ups else (reps[-1].task_id if reps else None)
+        by_round = {(r.task_id, r.round): r for r in reps}
+        budget: dict[str, int] = {}
+        for u in ups:
+            budget[u.task_id] = budget.get(u.task_id, 0) + u.num_samples
+        return {
+            "customer": node_id, "active": p.active, "edge": p.edge, "payout": p.payout,
+            "reputation": next((r.reputation for r in reversed(reps) if r.task_id == latest_task), None),
+            "reputation_history": [
+                {"task_id": r.task_id, "round": r.round, "reputation": r.reputation, "score": r.score}
+                for r in reps if r.task_id == latest_task
+            ],
+            "rewards_wei": str(sum(int(r.reward_wei) for r in reps)),
+            "contributions": [
+                {
+                    "task_id": u.task_id, "round": u.round, "customer": node_id, "update_hash": u.update_hash,
+                    "num_samples": u.num_samples, "status": u.status, "reason": u.reason,
+                    "reward_wei": by_round[(u.task_id, u.round)].reward_wei if (u.task_id, u.round) in by_round else "0",
+                }
+                for u in ups
+            ],
+            "budget": [{"task_id": t, "samples": n, "epsilon": self.spec(t).epsilon} for t, n in budget.items()],
+        }
+
+    def rewards(self, task_id: str) -> dict[str, Any]:
+        """Per round and per customer, in wei as decimal strings (they exceed JSON's safe integers)."""
+        with self.sessions() as s:
+            task = s.get(Task, task_id)
+            if task is None:
+                raise KeyError(task_id)
+            rows = list(s.scalars(select(Reputation).where(Reputation.task_id == task_id).order_by(Reputation.round)))
+            rounds = {r.round: r for r in s.scalars(select(Round).where(Round.task_id == task_id))}
+        per_round: dict[int, int] = {}
+        customers: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            wei = int(r.reward_wei)
+            per_round[r.round] = per_round.get(r.round, 0) + wei
+            c = customers.setdefault(r.customer, {"total_wei": 0, "rounds": {}})
+            c["total_wei"] += wei
+            if wei:
+                c["rounds"][str(r.round)] = str(wei)
+        latest = {r.customer: r.reputation for r in rows}  # rows are in round order
+        return {
+            "task_id": task_id,
+            "pool_wei": task.reward_wei,
+            "rounds": [
+                {"round": k, "paid_wei": str(v), "credit_tx": rounds[k].credit_tx, "credit_block": rounds[k].credit_block}
+                for k, v in sorted(per_round.items())
+            ],
+            "customers": [
+                {"customer": k, "reputation": latest[k], "reward_wei": str(v["total_wei"]), "rounds": v["rounds"]}
+                for k, v in sorted(customers.items())
+            ],
+        }
+
+    def participants(self) -> list[dict[str, Any]]:
+        with self.sessions() as s:
+            rows = list(s.scalars(select(Participant).order_by(Participant.role, Participant.node_id)))
+        return [
+            {
+                "node_id": p.node_id, "role": p.role, "enc_key": p.enc_key, "edge": p.edge, "payout": p.payout,
+                "active": p.active, "on_chain": p.on_chain, "registered_at": p.registered_at, "removed_at": p.removed_at,
+            }
+            for p in rows
+        ]
+
+    def latest_model(self, task_id: str) -> tuple[int, str] | None:
+        """(round, hash) of the task's newest global model: the last closed round's, else the initial one."""
+        with self.sessions() as s:
+            row = s.scalars(
+                select(Round).where(Round.task_id == task_id, Round.model_hash.is_not(None)).order_by(Round.round.desc()).limit(1)
+            ).first()
+        if row is not None and row.model_hash:
+            return row.round, row.model_hash
+        try:
+            return 0, self.spec(task_id).initial_model_hash
+        except KeyError:
+            return None
+
     def tasks(self) -> list[dict[str, Any]]:
         with self.sessions() as s:
             rows = list(s.scalars(select(Task).order_by(Task.created_at)))
-        return [{"task_id": t.task_id, "spec_hash": t.spec_hash, "status": t.status, "on_chain": t.on_chain} for t in rows]
+        out = []
+        for t in rows:
+            spec = self.spec(t.task_id)
+            cur = self.current_round(t.task_id)
+            out.append({
+                "task_id": t.task_id, "spec_hash": t.spec_hash, "status": t.status, "on_chain": t.on_chain,
+                "title": spec.title, "rounds": spec.rounds, "epsilon": spec.epsilon, "aggregation": spec.aggregation,
+                "deadline": spec.deadline, "reward_wei": t.reward_wei, "created_at": t.created_at,
+                "current_round": cur.round if cur else 0, "current_status": cur.status if cur else None,
+                "front_model_hash": spec.front_model_hash, "initial_model_hash": spec.initial_model_hash,
+            })
+        return out
 
     def proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
         with self.sessions() as s:

@@ -128,6 +128,7 @@ class RoundManifest:
     rejected: tuple[str, ...]  # "hash:reason" for every update not accepted
     merkle_root: str
     held_out_accuracy: float
+    ledger_hash: str = ""  # the round's scores, reputations, selection and rewards (coordinator/ledger.py)
 
 
 CODEC = Codec([TaskSpec, RoundStart, FeatureBatch, Ack, ModelUpdate, ModelWeights, RoundManifest])

@@ -49,8 +49,12 @@ class DemoOptions:
     aggregation: str = "fedavg"
     seed: int = 0
     round_timeout_s: float = 180.0
+    reward_wei: int = 10**18  # the task's reward pool, split per round by reputation x samples
     workdir: Path | None = None
     keep_workdir: bool = False
+    # after the audit, keep the dashboard (and everything behind it) up until this is set
+    hold: threading.Event | None = None
+    on_dashboard: Callable[[str], None] | None = None  # called with the dashboard's URL once it is up
 
 
 @dataclass
@@ -76,6 +80,7 @@ class DemoResult:
     samples_released: int = 0
     messages_rejected: dict[str, int] = field(default_factory=dict)
     pretrain_accuracy: float = 0.0
+    rewards_wei: int = 0  # credited on chain to the customers' payout addresses, all rounds
 
 
 class Progress:
@@ -181,6 +186,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         api.start()
         cleanups.append(api.stop)
         progress.line(f"  coordinator API on {api.url}; content store in {workdir / 'store'}")
+        progress.line(f"  dashboard: {api.url}/dashboard/  (customers: {api.url}/dashboard/customer)")
+        if opts.on_dashboard is not None:
+            opts.on_dashboard(f"{api.url}/dashboard/")
 
         def fetch(h: str) -> bytes:
             return fetch_artifact(api.url, h)
@@ -240,7 +248,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         for link in [a.link for a in agents] + [e.link for e in edges]:
             link.connected.wait(10)
 
-        coordinator.publish_task(spec, designed.front_tflite, designed.initial)
+        coordinator.publish_task(spec, designed.front_tflite, designed.initial, reward_wei=opts.reward_wei)
         progress.line(f"  task published (retained on MQTT, created on chain); initial head {spec.initial_model_hash[:12]}…")
         progress.line(f"{'round':>5}  {'accuracy':>8}  {'participants':>12}  {'accepted':>8}  {'rejected':>8}  {'gas':>8}  {'block':>5}  {'time':>6}")
 
@@ -268,6 +276,14 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             )
             result.final_model_hash = summary.model_hash
 
+        rewards = coordinator.rewards(spec.task_id)
+        result.rewards_wei = sum(int(c["reward_wei"]) for c in rewards["customers"])
+        reps = [c["reputation"] for c in rewards["customers"]] or [float("nan")]
+        progress.line(
+            f"rewards: {result.rewards_wei / 1e18:.4f} ETH of the {opts.reward_wei / 1e18:g} ETH pool credited to "
+            f"{sum(1 for c in rewards['customers'] if int(c['reward_wei']) > 0)} customers by reputation x samples; "
+            f"reputation now {min(reps):.2f}-{max(reps):.2f}"
+        )
         progress.line(f"re-verifying model {result.final_model_hash[:16]}… from the chain and the content store alone:")
         report = audit_model(contracts, store, result.final_model_hash)
         result.audit_ok = report.ok
@@ -280,6 +296,13 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             for k, v in e.ingestor.stats.rejected.items():
                 rejected[k] = rejected.get(k, 0) + v
         result.messages_rejected = rejected
+        if opts.hold is not None:
+            progress.line(f"the dashboard stays up at {api.url}/dashboard/ until you stop it (Ctrl-C)")
+            try:
+                while not opts.hold.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                progress.line("stopping")
     finally:
         stop.set()
         for fn in reversed(cleanups):

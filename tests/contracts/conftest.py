@@ -1,4 +1,5 @@
-"""Fixtures for contract tests on the embedded (eth-tester) chain: fresh chain per test."""
+"""Fixtures for contract tests: a fresh embedded (eth-tester) chain per test, and the real
+PoA chains of tests/support/poa_chain.py for test_poa_chain.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from coordinator.chain import ChainClient, ChainConfig, connect
 from coordinator.contracts import CrowdContracts, Role
+from tests.support.poa_chain import clique_chain, clique_two_sealers, dev_chain  # noqa: F401  (PoA fixtures)
 
 ONE_ETHER = 10**18
 

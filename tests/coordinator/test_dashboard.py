@@ -1,0 +1,139 @@
+"""The dashboard in headless Chromium during a small demo run (Debian chromium + chromedriver).
+
+Screenshots are saved under ``.artifacts/dashboard/`` (or ``$CROWDFL_ARTIFACTS``) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crowdfl.sim.demo import DemoOptions, DemoResult, run_demo
+from tests.support.realparts import require_real_part
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = Path(os.environ.get("CROWDFL_ARTIFACTS", Path(__file__).resolve().parents[2] / ".artifacts")) / "dashboard"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    have = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        have = False
+    require_real_part("chromium", have, "needs Debian chromium + chromium-driver and the selenium package (make test installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1100", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _get(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.realpart
+@pytest.mark.slow
+def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    hold = threading.Event()
+    ready = threading.Event()
+    urls: list[str] = []
+    results: list[DemoResult] = []
+    errors: list[BaseException] = []
+
+    def on_dashboard(url: str) -> None:
+        urls.append(url)
+        ready.set()
+
+    def run() -> None:
+        try:
+            results.append(run_demo(DemoOptions(
+                agents=4, edges=2, rounds=3, samples_per_round=64, history_days=28, seed=5,
+                workdir=tmp_path / "demo", hold=hold, on_dashboard=on_dashboard,
+            ), open(os.devnull, "w")))
+        except BaseException as exc:  # surfaced in the test thread
+            errors.append(exc)
+            ready.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(300), "the demo never brought the dashboard up"
+        assert not errors, errors
+        base = urls[0]
+        api = base.removesuffix("/dashboard/")
+        driver.get(base)
+        wait = WebDriverWait(driver, 240, poll_frequency=0.5)
+        # live: the accuracy plot gains a point per round while the task runs
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle.point")) >= 1)
+        driver.save_screenshot(str(ARTIFACTS / "manufacturer-running.png"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle.point")) == 3)
+        wait.until(lambda d: results or errors)
+        assert not errors, errors
+        assert results[0].audit_ok
+        rows = driver.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr")
+        assert len(rows) == 3 and all("anchored" in r.text for r in rows)
+        points = driver.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle.point")
+        plotted = sorted(float(p.get_attribute("data-y")) for p in points)
+        assert plotted == pytest.approx(sorted(r.accuracy for r in results[0].rounds), abs=1e-9)
+
+        # verify action: succeeds on the real store
+        driver.find_element(By.ID, "verify-button").click()
+        wait.until(lambda d: "verifying" not in d.find_element(By.ID, "verify-result").text)
+        assert "ok" in driver.find_element(By.ID, "verify-result").get_attribute("class")
+        driver.save_screenshot(str(ARTIFACTS / "manufacturer-verified.png"))
+
+        # customer view: a device's contributions and its Merkle proof, checked in the browser
+        task_id = _get(f"{api}/api/v1/tasks")[0]["task_id"]  # type: ignore[index]
+        device = sorted(_get(f"{api}/api/v1/tasks/{task_id}/rounds/1/updates"), key=lambda u: u["customer"])[0]["customer"]  # type: ignore[arg-type,index]
+        driver.get(f"{api}/dashboard/customer?device={device}")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#contributions-table tbody tr")) == 3)
+        for button in driver.find_elements(By.CSS_SELECTOR, "button.proof-button"):
+            button.click()
+        wait.until(lambda d: all(c.text.startswith(("yes", "NO", "cannot")) for c in d.find_elements(By.CSS_SELECTOR, "td.proof-result")))
+        verdicts = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "td.proof-result")]
+        assert all(v.startswith("yes") for v in verdicts), verdicts
+        driver.save_screenshot(str(ARTIFACTS / "customer.png"))
+
+        # tamper with one stored update: the verify action must now report failure
+        store = tmp_path / "demo" / "store"
+        victim = next(p for p in sorted(store.rglob("*")) if p.is_file() and p.stat().st_size > 1000)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+        driver.get(base)
+        wait.until(lambda d: d.find_element(By.ID, "verify-hash").get_attribute("value"))
+        driver.find_element(By.ID, "verify-button").click()
+        wait.until(lambda d: "verifying" not in d.find_element(By.ID, "verify-result").text and d.find_element(By.ID, "verify-result").text != "not run")
+        result = driver.find_element(By.ID, "verify-result")
+        assert "bad" in result.get_attribute("class"), result.text
+        assert "FAILED" in result.text
+        driver.save_screenshot(str(ARTIFACTS / "manufacturer-tampered.png"))
+    finally:
+        hold.set()
+        worker.join(timeout=60)
+    assert not worker.is_alive()
