@@ -5,6 +5,11 @@
 #   postgresql                    initdb/pg_ctl for a throwaway cluster (tests/support/postgres.py)
 #   openssl                       test CA and certificates
 #   systemd                       systemd-analyze verify/security (tests/test_systemd_units.py)
+#   qemu-system-arm qemu-user-static debootstrap binfmt-support e2fsprogs fdisk cpio dosfstools
+#   mtools                        the arm64 SD-card image and emulated devices (hardware/image/,
+#                                 tests/hardware/); no ipxe-qemu, so QEMU runs need -net none or
+#                                 an explicit -netdev (efi-virtio.rom)
+#   chromium, chromium-driver     headless browser for the dashboard tests (tests/coordinator/test_dashboard.py)
 #
 # The tests start their own broker and database on free loopback ports. Debian's packages
 # would also start a system-wide mosquitto on 0.0.0.0:1883 and a "15/main" PostgreSQL cluster
@@ -12,7 +17,8 @@
 # disables them if they run anyway, so nothing system-wide is left listening.
 set -euo pipefail
 
-PACKAGES=(mosquitto mosquitto-clients postgresql openssl systemd)
+PACKAGES=(mosquitto mosquitto-clients postgresql openssl systemd chromium chromium-driver
+          qemu-system-arm qemu-user-static debootstrap binfmt-support e2fsprogs fdisk cpio dosfstools mtools)
 
 log() { printf 'install-system: %s\n' "$*" >&2; }
 

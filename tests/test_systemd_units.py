@@ -73,7 +73,7 @@ def test_unit_declares_the_hardening_it_promises(role: str) -> None:
     config = f"/etc/crowdfl/{role}.toml"
     assert (
         one("ExecStart")
-        == f"/opt/crowdfl/venv/bin/crowdfl-{role} run --config {config}"
+        == f"/opt/crowdfl/venv/bin/crowdfl-{role} --config {config} {'serve' if role == 'coordinator' else 'run'}"
     )
     assert f"CROWDFL_CONFIG={config}" in " ".join(svc["Environment"]).split()
     assert one("DynamicUser") == "yes"
