@@ -18,12 +18,12 @@ from crowdfl.errors import CrowdflError
 from crowdfl.household import DEVICE_KINDS, sample_profile
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
-from crowdfl.runtime import setup_logging, stop_on_signals
+from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
 
 from .config import AgentConfig, load
 from .privacy import PrivacyPolicy
 from .service import Agent
-from .sources import PlugMqttSource, SimulatedSource, UsageSource, read_json_lines
+from .sources import PlugMqttSource, SimulatedSource, UsageSource, read_reports_file
 from .state import AgentState
 from .usage_log import Retention, UsageLog
 
@@ -169,14 +169,14 @@ def run(cfg: AgentConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crowdfl-agent", description="The crowdfl device agent.")
-    p.add_argument("--config", type=Path, default=None, help="TOML file (CROWDFL_AGENT__* variables override it)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the agent (as the systemd service does)")
-    sub.add_parser("status", help="usage log, privacy budget spent, spool")
-    sub.add_parser("provision", help="generate the keys on first boot and print what the manufacturer registers")
-    imp = sub.add_parser("import", help="import usage reports from a JSON-lines file")
+    run_cmd = sub.add_parser("run", help="run the agent (as the systemd service does)")
+    status_cmd = sub.add_parser("status", help="usage log, privacy budget spent, spool")
+    provision_cmd = sub.add_parser("provision", help="generate the keys on first boot and print what the manufacturer registers")
+    imp = sub.add_parser("import", help="import usage reports from a CSV (.csv) or JSON-lines file")
     imp.add_argument("file", type=Path)
+    add_config_option(p, [run_cmd, status_cmd, provision_cmd, imp], "TOML file (CROWDFL_AGENT__* variables override it)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "import":
             usage = UsageLog(cfg.state_dir / "usage.sqlite")
             try:
-                n = usage.append(read_json_lines(args.file, DEVICE_KINDS))
+                n = usage.append(read_reports_file(args.file, DEVICE_KINDS))
             finally:
                 usage.close()
             print(f"imported {n} new reports from {args.file}")

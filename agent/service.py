@@ -76,6 +76,11 @@ class Agent:
         self.rng = rng
         self.tasks: dict[str, ActiveTask] = {}
         self._unjoined: dict[str, TaskSpec] = {}  # verified specs whose front model could not be fetched yet
+        # selected rounds the usage log had no fresh sample for yet (e.g. a round that starts before
+        # the first poll of a new device is stored): retried while the round is still the current one
+        self._waiting: dict[str, int] = {}
+        self._next_retry = 0.0
+        self.retry_every_s = 30.0
         self.stats = AgentStats()
         self.short = short_id(identity.node_id)
 
@@ -153,7 +158,18 @@ class Agent:
             # the retained RoundStart is delivered again after a restart; the spool resends the batch
             log.info("round %d of task %s: already contributed %d samples", rs.round, rs.task_id[:12], done)
             return
-        self.contribute(task, rs.round)
+        self._waiting.pop(rs.task_id, None)
+        if self.contribute(task, rs.round) is None:
+            self._waiting[rs.task_id] = rs.round
+
+    def retry_waiting(self) -> None:
+        """Contribute to selected rounds that found no fresh sample, if they are still current."""
+        for task_id, round_ in list(self._waiting.items()):
+            task = self.tasks.get(task_id)
+            if task is None or task.last_round != round_ or self.state.released_in_round(task_id, round_):
+                self._waiting.pop(task_id, None)
+            elif self.contribute(task, round_) is not None:
+                self._waiting.pop(task_id, None)
 
     def _on_ack(self, ack: Ack) -> None:
         if ack.device != self.identity.node_id:
@@ -193,6 +209,9 @@ class Agent:
             msg = None
         if msg is not None:
             self.handle(msg)
+        if self._waiting and time.monotonic() >= self._next_retry:
+            self._next_retry = time.monotonic() + self.retry_every_s
+            self.retry_waiting()
         self.uplink.flush()
 
     def run(self, stop: threading.Event, shutdown_grace_s: float = 0.0, before_close: Callable[[], None] | None = None) -> None:

@@ -20,6 +20,7 @@ without a zone by default and Shelly Gen1 sends none):
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -111,6 +112,21 @@ class SimulatedSource:
         return reports
 
 
+def _report_from_fields(obj: Mapping[str, Any], kinds: Sequence[str]) -> PlugReport:
+    on = obj.get("on")
+    power = float(obj["power_w"])
+    report = PlugReport(
+        device_id=str(obj["device_id"]),
+        kind=str(obj["kind"]),
+        ts=float(obj["ts"]),
+        power_w=power,
+        energy_total_kwh=float(obj["energy_total_kwh"]),
+        on=power > 0 if on in (None, "") else str(on).lower() in ("1", "true", "on", "yes"),
+    )
+    validate_report(report, kinds)
+    return report
+
+
 def read_json_lines(path: Path, kinds: Sequence[str]) -> Iterator[PlugReport]:
     """Reports from a JSON-lines file: one object per line with the PlugReport fields."""
     with open(path, encoding="utf-8") as fh:
@@ -122,19 +138,35 @@ def read_json_lines(path: Path, kinds: Sequence[str]) -> Iterator[PlugReport]:
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("line is not a JSON object")
-                report = PlugReport(
-                    device_id=str(obj["device_id"]),
-                    kind=str(obj["kind"]),
-                    ts=float(obj["ts"]),
-                    power_w=float(obj["power_w"]),
-                    energy_total_kwh=float(obj["energy_total_kwh"]),
-                    on=bool(obj.get("on", obj["power_w"] > 0)),
-                )
-                validate_report(report, kinds)
+                report = _report_from_fields(obj, kinds)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("%s:%d: skipped report: %s", path, lineno, exc)
                 continue
             yield report
+
+
+CSV_COLUMNS = ("device_id", "kind", "ts", "power_w", "energy_total_kwh")
+
+
+def read_csv(path: Path, kinds: Sequence[str]) -> Iterator[PlugReport]:
+    """Reports from a CSV file with a header naming at least ``CSV_COLUMNS`` (``on`` optional)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CrowdflError("bad_csv", f"{path}: the header lacks column(s) {', '.join(missing)}")
+        for row in reader:
+            try:
+                report = _report_from_fields(row, kinds)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("%s:%d: skipped report: %s", path, reader.line_num, exc)
+                continue
+            yield report
+
+
+def read_reports_file(path: Path, kinds: Sequence[str]) -> Iterator[PlugReport]:
+    """A usage export, by its suffix: ``.csv``, else JSON lines."""
+    return read_csv(path, kinds) if Path(path).suffix.lower() == ".csv" else read_json_lines(path, kinds)
 
 
 # -- smart plugs over the home's MQTT ------------------------------------------------------------

@@ -19,9 +19,9 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from web3 import Web3
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from crowdfl.errors import CrowdflError
+from crowdfl.serving import BackgroundHttpServer
 from crowdfl.identity import PublicIdentity
 from crowdfl.messages import CODEC, ModelWeights, TaskSpec
 
@@ -340,22 +340,8 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
     return app
 
 
-class ApiServer:
-    """The Flask app on a werkzeug server in a background thread (127.0.0.1 unless told otherwise)."""
+class ApiServer(BackgroundHttpServer):
+    """The coordinator's Flask app served in a background thread."""
 
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
-        self.host = host
-        self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="coordinator-api", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join(timeout=10)
+        super().__init__(app, host, port, name="coordinator-api")

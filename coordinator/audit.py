@@ -130,10 +130,12 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         report.problems.append(f"round {model.round} of the task is not anchored on chain")
         return report
     base = spec.initial_model_hash
-    try:
-        store.get(base)
-    except CrowdflError as exc:
-        report.problems.append(f"initial model: {exc}")
+    # the published artifacts the rounds build on: the head they start from and the devices' front
+    for what, address in (("initial model", base), ("front model", spec.front_model_hash)):
+        try:
+            store.get(address)
+        except CrowdflError as exc:
+            report.problems.append(f"{what}: {exc}")
     active_cache: dict[tuple[str, Role], bool] = {}
 
     def active(node: str, role: Role) -> bool:

@@ -14,7 +14,7 @@ from crowdfl.config import load_config
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
-from crowdfl.runtime import setup_logging, stop_on_signals
+from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
 
 from .reputation import ReputationConfig
 
@@ -161,10 +161,9 @@ def _held_out(coord, store, task_id: str):  # type: ignore[no-untyped-def]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crowdfl-coordinator", description="The manufacturer's crowdfl coordinator.")
-    p.add_argument("--config", type=Path, default=None, help="TOML file (CROWDFL_COORDINATOR__* variables override it)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("provision", help="generate the coordinator's keys and print the public part for devices and edges")
+    provision_cmd = sub.add_parser("provision", help="generate the coordinator's keys and print the public part for devices and edges")
     srv = sub.add_parser("serve", help="API, round driver and anchoring (as the systemd service does)")
     srv.add_argument("--new-task", action="store_true", help="design and publish a task if none is running")
     srv.add_argument("--rounds", type=int, default=5)
@@ -175,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("enc_key")
     reg.add_argument("--edge", default=None, help="a device's edge server (node id)")
     reg.add_argument("--payout", default=None, help="a device's payout address for rewards")
+    add_config_option(p, [provision_cmd, srv, reg], "TOML file (CROWDFL_COORDINATOR__* variables override it)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     try:

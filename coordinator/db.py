@@ -17,11 +17,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from crowdfl import serving
 
 
 class Base(DeclarativeBase):
@@ -114,19 +114,7 @@ class Reputation(Base):
 
 
 def make_engine(url: str) -> Engine:
-    engine = create_engine(url, future=True, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=10000")
-            cur.close()
-
-    Base.metadata.create_all(engine)
-    return engine
+    return serving.make_engine(url, Base.metadata)
 
 
 def make_sessions(url: str) -> sessionmaker:  # type: ignore[type-arg]

@@ -40,6 +40,17 @@ def check_update(update: ModelUpdate, spec: TaskSpec, round_: int, base_model_ha
         raise WireError("malformed", "inputs_digest must be a sha256 hex digest")
 
 
+def effective_rule(rule: str, n: int) -> str:
+    """The task's rule, or the coordinate median where Krum cannot run (fewer than 3 updates).
+
+    The manifest records the rule actually used, so the audit replays exactly this choice.
+    """
+    r = AggregationRule(rule)
+    if r in (AggregationRule.KRUM, AggregationRule.MULTI_KRUM) and n < 3:
+        return AggregationRule.COORDINATE_MEDIAN.value
+    return r.value
+
+
 def rule_params(rule: str, n: int, byzantine_fraction: float, trim_beta: float) -> dict[str, Any]:
     """Parameters for ``rule`` with ``n`` candidate updates (recorded in the manifest)."""
     r = AggregationRule(rule)

@@ -33,7 +33,7 @@ from .chain import ChainError
 from .contracts import CrowdContracts, Role
 from .db import Participant, Reputation, Round, Task, Update
 from .ledger import LedgerPolicy, ledger_bytes, parse_ledger, round_ledger, round_pool, select_customers
-from .rounds import build_round, check_update, rule_params
+from .rounds import build_round, check_update, effective_rule, rule_params
 from .store import ContentStore
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,8 @@ class Coordinator:
                 ups = list(s.scalars(select(Update).where(Update.task_id == task_id, Update.round == round_)))
             candidates = [(u.update_hash, CODEC.decode(parse(self.store.get(u.update_hash)).body, ModelUpdate)) for u in ups if u.status == "received"]
             invalid = [(u.update_hash, u.reason or "invalid") for u in ups if u.status == "rejected"]
-            params = rule_params(spec.aggregation, len(candidates), self.byzantine_fraction, self.trim_beta)
+            rule = effective_rule(spec.aggregation, len(candidates))
+            params = rule_params(rule, len(candidates), self.byzantine_fraction, self.trim_beta)
             with self.sessions() as s:
                 task = s.get(Task, task_id)
                 assert task is not None
@@ -389,7 +390,7 @@ class Coordinator:
                 ledgers.append(ledger)
                 return self.store.put(ledger_bytes(ledger))
 
-            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, spec.aggregation, params, self.evaluate, ledger=make_ledger)
+            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluate, ledger=make_ledger)
             ledger = ledgers[0]
             model_hash = self.store.put(built.model_bytes)
             manifest_hash = self.store.put(built.manifest_bytes)
@@ -555,7 +556,9 @@ class Coordinator:
         by_round = {(r.task_id, r.round): r for r in reps}
         budget: dict[str, int] = {}
         for u in ups:
-            budget[u.task_id] = budget.get(u.task_id, 0) + u.num_samples
+            # an edge trains on all of a customer's samples so far, so the largest count is the
+            # number of distinct samples released (summing rounds would count each one again)
+            budget[u.task_id] = max(budget.get(u.task_id, 0), u.num_samples)
         return {
             "customer": node_id, "active": p.active, "edge": p.edge, "payout": p.payout,
             "reputation": next((r.reputation for r in reversed(reps) if r.task_id == latest_task), None),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -29,3 +31,11 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
     return stop
+
+
+def add_config_option(parser: argparse.ArgumentParser, subparsers: list[argparse.ArgumentParser], help_text: str) -> None:
+    """``--config`` before or after the subcommand; ``$CROWDFL_CONFIG`` (set by the units) is the default."""
+    env = os.environ.get("CROWDFL_CONFIG")
+    parser.add_argument("--config", type=Path, default=Path(env) if env else None, help=help_text)
+    for sub in subparsers:
+        sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=help_text)

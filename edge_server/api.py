@@ -7,11 +7,11 @@ edge never exposes its own HTTP port to the network.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, jsonify
-from werkzeug.serving import BaseWSGIServer, make_server
+
+from crowdfl.serving import BackgroundHttpServer
 
 from .metrics import CONTENT_TYPE, Exposition
 
@@ -90,23 +90,8 @@ def create_app(server: EdgeServer) -> Flask:
     return app
 
 
-class HttpServer:
-    """The Flask app on a werkzeug server in a background thread."""
+class HttpServer(BackgroundHttpServer):
+    """The edge's health and metrics app served in a background thread."""
 
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
-        self.host = host
-        self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="edge-http", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._thread.join(timeout=10)
-        self._server.server_close()
+        super().__init__(app, host, port, name="edge-http")

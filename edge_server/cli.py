@@ -12,7 +12,7 @@ from crowdfl.artifacts import fetch_artifact
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink
-from crowdfl.runtime import setup_logging, stop_on_signals
+from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
 
 from .api import HttpServer, create_app
 from .config import EdgeConfig, load
@@ -65,15 +65,15 @@ def run(cfg: EdgeConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crowdfl-edge", description="The crowdfl MEC edge server.")
-    p.add_argument("--config", type=Path, default=None, help="TOML file (CROWDFL_EDGE__* variables override it)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="ingest features, train, submit (as the systemd service does)")
-    sub.add_parser("provision", help="generate the keys and print what the manufacturer registers")
-    sub.add_parser("status", help="what is stored and what was rejected, by reason")
+    run_cmd = sub.add_parser("run", help="ingest features, train, submit (as the systemd service does)")
+    provision_cmd = sub.add_parser("provision", help="generate the keys and print what the manufacturer registers")
+    status_cmd = sub.add_parser("status", help="what is stored and what was rejected, by reason")
     reg = sub.add_parser("register-device", help="accept feature batches from a device")
     reg.add_argument("node_id")
     reg.add_argument("enc_key")
+    add_config_option(p, [run_cmd, provision_cmd, status_cmd, reg], "TOML file (CROWDFL_EDGE__* variables override it)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     try:

@@ -24,8 +24,6 @@ from sqlalchemy import (
     LargeBinary,
     String,
     UniqueConstraint,
-    create_engine,
-    event,
     func,
     insert,
     select,
@@ -35,6 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from crowdfl import serving
 
 
 class Base(DeclarativeBase):
@@ -133,20 +133,7 @@ class CustomerData:
 
 
 def make_engine(url: str) -> Engine:
-    engine = create_engine(url, future=True, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=10000")
-            cur.close()
-
-    Base.metadata.create_all(engine)
-    return engine
-
+    return serving.make_engine(url, Base.metadata)
 
 class _SampleIndex:
     """Sample ids already stored, per (device, task), loaded from the batches on first use.

@@ -58,3 +58,31 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("state_dir = \n")
     assert main(["--config", str(bad), "status"]) == 2
+
+
+def test_config_option_after_the_subcommand_and_from_the_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(tmp_path)
+    assert main(["provision", "--config", str(cfg)]) == 0
+    node = json.loads(capsys.readouterr().out)["node_id"]
+    monkeypatch.setenv("CROWDFL_CONFIG", str(cfg))  # what the systemd unit sets
+    assert main(["provision"]) == 0
+    assert json.loads(capsys.readouterr().out)["node_id"] == node
+
+
+def test_csv_import_validates_rows_and_the_header(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cfg(tmp_path)
+    good = tmp_path / "plugs.csv"
+    good.write_text(
+        "device_id,kind,ts,power_w,energy_total_kwh,on\n"
+        "p1,kettle,1790000900,0,0.10,0\n"
+        "p1,kettle,1790001800,2000,0.60,1\n"
+        "p1,kettle,not-a-time,1,1,1\n"
+        "p1,spaceship,1790002700,1,1,1\n"
+        "p1,kettle,1790003600,-5,0.70,1\n"
+    )
+    assert main(["--config", str(cfg), "import", str(good)]) == 0
+    assert "imported 2 new reports" in capsys.readouterr().out
+    bad = tmp_path / "other.csv"
+    bad.write_text("device,when,watts\nx,1,2\n")
+    assert main(["--config", str(cfg), "import", str(bad)]) == 2
+    assert "lacks column(s) device_id" in capsys.readouterr().err

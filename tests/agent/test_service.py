@@ -100,3 +100,25 @@ def test_a_restarted_agent_does_not_contribute_to_a_round_twice(tmp_path: Path, 
         assert second.state.budget().samples_released == 2 * designed_task.spec.samples_per_round
     finally:
         close(second)
+
+
+def test_a_round_with_no_fresh_sample_yet_is_retried_while_it_is_current(tmp_path: Path, designed_task) -> None:  # type: ignore[no-untyped-def]
+    parts = Parts(tmp_path, designed_task)
+    (tmp_path / "usage.sqlite").unlink()  # a new device: its first usage poll is not stored yet
+    for extra in ("-wal", "-shm"):
+        (tmp_path / f"usage.sqlite{extra}").unlink(missing_ok=True)
+    agent = parts.agent()
+    agent.retry_every_s = 0.0
+    try:
+        agent.handle(parts.task_msg())
+        agent.handle(parts.round_msg(1))
+        assert agent.state.budget().samples_released == 0 and agent._waiting
+        agent.usage_log.append(household_reports("svc-home", HISTORY_START, days=4))
+        agent.step(timeout=0.01)  # the retry finds the samples now
+        spec = designed_task.spec
+        assert agent.state.released_in_round(spec.task_id, 1) == spec.samples_per_round
+        assert not agent._waiting
+        agent.step(timeout=0.01)  # and does not contribute twice
+        assert agent.state.budget().samples_released == spec.samples_per_round
+    finally:
+        close(agent)

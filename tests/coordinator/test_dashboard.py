@@ -92,14 +92,16 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle.point")) >= 1)
         driver.save_screenshot(str(ARTIFACTS / "manufacturer-running.png"))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle.point")) == 3)
-        wait.until(lambda d: results or errors)
-        assert not errors, errors
-        assert results[0].audit_ok
-        rows = driver.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr")
-        assert len(rows) == 3 and all("anchored" in r.text for r in rows)
+        # the demo now holds (it returns only when `hold` is set): read the truth from the API
+        task_id = _get(f"{api}/api/v1/tasks")[0]["task_id"]  # type: ignore[index]
+        wait.until(lambda d: all(r["status"] == "anchored" for r in _get(f"{api}/api/v1/tasks/{task_id}/rounds")))  # type: ignore[index,union-attr]
+        wait.until(lambda d: all("anchored" in r.text for r in d.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr")))
+        rounds = _get(f"{api}/api/v1/tasks/{task_id}/rounds")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr")) == 3
         points = driver.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle.point")
         plotted = sorted(float(p.get_attribute("data-y")) for p in points)
-        assert plotted == pytest.approx(sorted(r.accuracy for r in results[0].rounds), abs=1e-9)
+        assert plotted == pytest.approx(sorted(r["accuracy"] for r in rounds), abs=1e-9)  # type: ignore[index,union-attr]
+        driver.save_screenshot(str(ARTIFACTS / "manufacturer-done.png"))
 
         # verify action: succeeds on the real store
         driver.find_element(By.ID, "verify-button").click()
@@ -108,10 +110,11 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
         driver.save_screenshot(str(ARTIFACTS / "manufacturer-verified.png"))
 
         # customer view: a device's contributions and its Merkle proof, checked in the browser
-        task_id = _get(f"{api}/api/v1/tasks")[0]["task_id"]  # type: ignore[index]
         device = sorted(_get(f"{api}/api/v1/tasks/{task_id}/rounds/1/updates"), key=lambda u: u["customer"])[0]["customer"]  # type: ignore[arg-type,index]
         driver.get(f"{api}/dashboard/customer?device={device}")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#contributions-table tbody tr")) == 3)
+        # 64 fresh samples a round, each released once: 192, not the 64 + 128 + 192 the edge trained on
+        assert "192 samples used at epsilon 4.00" in driver.find_element(By.ID, "budget-table").text
         for button in driver.find_elements(By.CSS_SELECTOR, "button.proof-button"):
             button.click()
         wait.until(lambda d: all(c.text.startswith(("yes", "NO", "cannot")) for c in d.find_elements(By.CSS_SELECTOR, "td.proof-result")))
@@ -119,9 +122,10 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
         assert all(v.startswith("yes") for v in verdicts), verdicts
         driver.save_screenshot(str(ARTIFACTS / "customer.png"))
 
-        # tamper with one stored update: the verify action must now report failure
+        # tamper with one stored update of the last round: the verify action must now report failure
         store = tmp_path / "demo" / "store"
-        victim = next(p for p in sorted(store.rglob("*")) if p.is_file() and p.stat().st_size > 1000)
+        last = _get(f"{api}/api/v1/tasks/{task_id}/rounds/3/updates")[0]["update_hash"]  # type: ignore[index]
+        victim = store / last[:2] / last[2:]
         data = bytearray(victim.read_bytes())
         data[len(data) // 2] ^= 0x01
         victim.write_bytes(bytes(data))
@@ -133,7 +137,14 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
         assert "bad" in result.get_attribute("class"), result.text
         assert "FAILED" in result.text
         driver.save_screenshot(str(ARTIFACTS / "manufacturer-tampered.png"))
+    except BaseException:
+        driver.save_screenshot(str(ARTIFACTS / "failure.png"))
+        (ARTIFACTS / "failure.txt").write_text(driver.find_element(By.TAG_NAME, "body").text)
+        raise
     finally:
         hold.set()
         worker.join(timeout=60)
     assert not worker.is_alive()
+    assert not errors, errors
+    # the demo's own closing audit ran before the tampering
+    assert results and results[0].audit_ok

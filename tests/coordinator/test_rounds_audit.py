@@ -138,3 +138,22 @@ def test_audit_detects_a_model_that_is_not_the_aggregate(world) -> None:  # type
     report = audit_model(contracts, store, forged_hash)
     assert not report.ok and any("not this one" in p for p in report.problems)
     assert audit_model(contracts, store, summary.model_hash).ok
+
+
+def test_multi_krum_rounds_with_too_few_updates_fall_back_to_the_median() -> None:
+    from coordinator.rounds import build_round, effective_rule, rule_params
+    from crowdfl.envelope import parse
+
+    spec = make_spec(aggregation="multi_krum")
+    assert effective_rule("multi_krum", 2) == "coordinate_median"
+    assert effective_rule("multi_krum", 3) == "multi_krum"
+    assert effective_rule("fedavg", 1) == "fedavg"
+    edge = Identity.generate()
+    base = "00" * 32
+    ups = []
+    for i in range(2):
+        env = update_env(edge, spec, 1, f"{i:064x}", base, 0.1, i + 1)
+        ups.append((sha256_hex(env), CODEC.decode(parse(env).body, ModelUpdate)))
+    rule = effective_rule(spec.aggregation, len(ups))
+    built = build_round(spec, 1, base, ups, [], rule, rule_params(rule, 2, 0.2, 0.1))
+    assert built.manifest.rule == "coordinate_median" and len(built.manifest.accepted) == 2
