@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +24,12 @@ class PeerSettings:
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    max_epsilon: float = 8.0
+    max_epsilon: float = 8.0  # per sample, features and labels together
     require_label_privacy: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ValueError(f"privacy.max_epsilon must be a positive finite number, got {self.max_epsilon}")
 
 
 @dataclass(frozen=True)

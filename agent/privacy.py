@@ -31,8 +31,12 @@ from crowdfl.task import laplace_scale, prepare_features, sensitivity  # noqa: F
 class PrivacyPolicy:
     """The device owner's limits, from the agent's config."""
 
-    max_epsilon: float = 8.0  # largest per-sample feature epsilon the owner accepts
+    max_epsilon: float = 8.0  # largest per-sample epsilon (features + labels) the owner accepts
     require_label_privacy: bool = False
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.max_epsilon) and self.max_epsilon > 0):
+            raise ValueError(f"max_epsilon must be a positive finite number, got {self.max_epsilon}")
 
     def check(self, spec: TaskSpec) -> None:
         if not np.isfinite(spec.epsilon) or spec.epsilon <= 0:
@@ -45,10 +49,16 @@ class PrivacyPolicy:
             )
         if spec.clip_l1 <= 0 or not np.isfinite(spec.clip_l1):
             raise PrivacyError("bad_clip", f"clip_l1 must be positive, got {spec.clip_l1}")
-        if self.require_label_privacy and spec.label_epsilon <= 0:
+        if not np.isfinite(spec.label_epsilon) or spec.label_epsilon < 0:
+            raise PrivacyError("bad_epsilon", f"task {spec.task_id[:12]} asks for label epsilon {spec.label_epsilon}")
+        if self.require_label_privacy and spec.label_epsilon == 0:
             raise PrivacyError("labels_in_clear", "this device requires label privacy and the task sends labels as is")
-        if spec.label_epsilon > self.max_epsilon:
-            raise PrivacyError("epsilon_too_large", f"label epsilon {spec.label_epsilon:g} exceeds {self.max_epsilon:g}")
+        if spec.epsilon + spec.label_epsilon > self.max_epsilon:
+            raise PrivacyError(
+                "epsilon_too_large",
+                f"features ({spec.epsilon:g}) and labels ({spec.label_epsilon:g}) together exceed this device's "
+                f"{self.max_epsilon:g} per sample",
+            )
 
 
 def privatise_features(features: np.ndarray, spec: TaskSpec, rng: np.random.Generator) -> np.ndarray:

@@ -45,7 +45,12 @@ class Retention:
     max_rows: int = 2_000_000
 
 
-def validate_report(r: PlugReport, kinds: Sequence[str] | None = None) -> None:
+# a report from the future (a clock jump on a board without RTC, a bad import) would make the agent
+# build windows up to that time and burn those sample ids before the hours happen
+MAX_CLOCK_SKEW_S = 3600.0
+
+
+def validate_report(r: PlugReport, kinds: Sequence[str] | None = None, now: float | None = None) -> None:
     """Raise ValueError naming what is wrong with a report from outside."""
     if not r.device_id or len(r.device_id) > 128:
         raise ValueError("device_id must be 1..128 characters")
@@ -60,6 +65,9 @@ def validate_report(r: PlugReport, kinds: Sequence[str] | None = None) -> None:
         raise ValueError(f"implausible reading: {r.power_w:g} W, meter {r.energy_total_kwh:g} kWh")
     if not 1_000_000_000 < r.ts < 10_000_000_000:
         raise ValueError(f"timestamp {r.ts} is not a plausible unix time")
+    limit = (time.time() if now is None else now) + MAX_CLOCK_SKEW_S
+    if r.ts > limit:
+        raise ValueError(f"timestamp {r.ts:.0f} lies {r.ts - limit + MAX_CLOCK_SKEW_S:.0f} s in the future")
 
 
 class UsageLog:

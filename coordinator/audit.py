@@ -36,7 +36,7 @@ from .ledger import (
     round_ledger,
     select_customers,
 )
-from .rounds import build_round
+from .rounds import build_round, check_update
 from .store import ContentStore
 
 
@@ -145,6 +145,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         return active_cache[key]
 
     reputation: dict[str, float] = {}  # after the previous round, as rebuilt by this audit
+    leaves_seen: set[str] = set()
     for r in range(1, model.round + 1):
         anchor = anchors.get(r)
         if anchor is None:
@@ -170,6 +171,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         candidates: list[tuple[str, ModelUpdate]] = []
         invalid: list[tuple[str, str]] = []
         invalid_customers: list[tuple[str, str]] = []
+        customers_seen: set[str] = set()
         for h in manifest.updates:
             try:
                 sealed = parse(store.get(h))
@@ -184,7 +186,21 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
                 finding.problems.append(f"update {h[:12]} is signed by {sealed.sender_id[:12]}, not an active edge on chain")
             if status == "accepted" and not active(upd.customer, Role.DEVICE):
                 report.notes.append(f"customer {upd.customer[:12]} of round {r} is not active on chain now")
+            # a signed update belongs to exactly one task, round and customer slot: a coordinator
+            # must not re-use an old one, or count a customer twice
+            if h in leaves_seen:
+                finding.problems.append(f"update {h[:12]} was already anchored in an earlier round")
+            leaves_seen.add(h)
+            if upd.task_id != spec.task_id or upd.round != r:
+                finding.problems.append(f"update {h[:12]} was signed for task {upd.task_id[:12]} round {upd.round}, not this round")
+            if upd.customer in customers_seen:
+                finding.problems.append(f"customer {upd.customer[:12]} has more than one update in round {r}")
+            customers_seen.add(upd.customer)
             if h in manifest.candidates:
+                try:
+                    check_update(upd, spec, r, base)
+                except CrowdflError as exc:
+                    finding.problems.append(f"update {h[:12]} was aggregated but is invalid: {exc}")
                 candidates.append((h, upd))
             else:
                 invalid.append((h, reasons.get(h, "invalid").removeprefix("invalid:")))

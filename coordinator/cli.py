@@ -116,7 +116,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
         coord.publish_task(designed.spec, designed.front_tflite, designed.initial)
         log.info("published task %s", designed.spec.task_id)
     for task_id in coord.running_tasks():
-        coord.evaluate = HeldOut(*_held_out(coord, store, task_id))
+        coord.evaluators[task_id] = HeldOut(*_held_out(coord, store, task_id))
     coord.sync_registry()
     coord.republish()
     if not cfg.admin_token:
@@ -131,8 +131,8 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
                 summary = coord.step(task_id, cfg.round_timeout_s)
                 if summary is not None:
                     log.info("round %d closed: accuracy %.3f, %d accepted, %d rejected", summary.round, summary.accuracy, summary.accepted, summary.rejected)
-            except CrowdflError as exc:
-                log.error("task %s: %s", task_id[:12], exc)
+            except Exception:  # one task's failure must not stop the others or the API
+                log.exception("task %s: step failed; retrying", task_id[:12])
         coord.anchor_pending()  # retried until the chain takes it, also for tasks already done
         stop.wait(1.0)
     api.stop()

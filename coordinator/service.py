@@ -62,6 +62,10 @@ class RoundSummary:
     merkle_root: str
 
 
+def _is_hex32(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 class HeldOut:
     """The manufacturer's held-out evaluation data (clean features of its own test homes)."""
 
@@ -92,6 +96,8 @@ class Coordinator:
         self.contracts = contracts
         self.publish = publish
         self.evaluate = evaluate
+        # held-out evaluation per task (a task's features differ from another's); falls back to evaluate
+        self.evaluators: dict[str, Callable[[list[np.ndarray]], float]] = {}
         self.byzantine_fraction = byzantine_fraction
         self.trim_beta = trim_beta
         self.policy = policy or LedgerPolicy()
@@ -306,6 +312,8 @@ class Coordinator:
             log.warning("refused update submission: %s", exc)
             return IntakeResult(400 if exc.code != "bad_signature" else 403, "rejected", str(exc))
         update_hash = sealed.digest
+        if not _is_hex32(update.customer) or not 1 <= update.round <= 2**31 - 1 or not 0 <= update.num_samples <= 2**31 - 1:
+            return IntakeResult(400, "rejected", "malformed: customer must be 64 hex characters, round and num_samples 32-bit")
         with self._lock:
             try:
                 spec = self.spec(update.task_id)
@@ -313,6 +321,25 @@ class Coordinator:
                 return IntakeResult(404, "rejected", "unknown_task")
             with self.sessions() as s:
                 rnd = s.get(Round, (update.task_id, update.round))
+            if rnd is None or rnd.status != "open":
+                return IntakeResult(409, "rejected", f"round_closed: round {update.round} is not open")
+            # who may fill this customer's slot is decided before the slot is looked at: only the
+            # customer's own edge, for a selected, active device. Anything else is refused without
+            # storing it, so no edge can take another edge's customer's place or close a round early.
+            customer = self._participant(update.customer)
+            refusal: tuple[int, str] | None = None
+            if customer is not None and customer.role == "device" and not customer.active:
+                refusal = (422, "removed_customer: the manufacturer removed this device")
+            elif customer is None or customer.role != "device":
+                refusal = (422, "unknown_customer")
+            elif customer.edge != sealed.sender_id:
+                refusal = (403, "wrong_edge: the customer is not served by this edge")
+            elif update.customer not in json.loads(rnd.selected):
+                refusal = (422, "not_selected")
+            if refusal is not None:
+                log.warning("update from %s for %s refused: %s", sealed.sender_id[:12], update.customer[:12], refusal[1])
+                return IntakeResult(refusal[0], "rejected", refusal[1], update_hash)
+            with self.sessions() as s:
                 prior = s.scalars(
                     select(Update).where(Update.task_id == update.task_id, Update.round == update.round, Update.customer == update.customer)
                 ).first()
@@ -320,23 +347,13 @@ class Coordinator:
                 if prior.update_hash == update_hash:
                     return IntakeResult(200, "duplicate", "", update_hash)
                 return IntakeResult(409, "rejected", "conflict: another update for this customer and round was received first")
-            if rnd is None or rnd.status != "open":
-                return IntakeResult(409, "rejected", f"round_closed: round {update.round} is not open")
-            customer = self._participant(update.customer)
+            # from here on the update is the customer's, from its edge: an invalid one is kept,
+            # anchored and shown as rejected with its reason (and scores 0 for reputation)
             reason = ""
-            if customer is not None and customer.role == "device" and not customer.active:
-                reason = "removed_customer: the manufacturer removed this device"
-            elif customer is None or customer.role != "device":
-                reason = "unknown_customer"
-            elif customer.edge != sealed.sender_id:
-                reason = "wrong_edge: the customer is not served by this edge"
-            elif update.customer not in json.loads(rnd.selected):
-                reason = "not_selected"
-            else:
-                try:
-                    check_update(update, spec, rnd.round, rnd.base_model_hash)
-                except WireError as exc:
-                    reason = str(exc)
+            try:
+                check_update(update, spec, rnd.round, rnd.base_model_hash)
+            except WireError as exc:
+                reason = str(exc)
             self.store.put(envelope)
             try:
                 with self.sessions.begin() as s:
@@ -390,7 +407,7 @@ class Coordinator:
                 ledgers.append(ledger)
                 return self.store.put(ledger_bytes(ledger))
 
-            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluate, ledger=make_ledger)
+            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluators.get(task_id, self.evaluate), ledger=make_ledger)
             ledger = ledgers[0]
             model_hash = self.store.put(built.model_bytes)
             manifest_hash = self.store.put(built.manifest_bytes)
@@ -465,6 +482,8 @@ class Coordinator:
                     self._finish(task_id)
         elif rnd.round < spec.rounds:
             self.open_round(task_id, rnd.round + 1)
+        else:
+            self._finish(task_id)  # the last round closed before a crash could mark the task done
         self.anchor_pending()
         return closed
 

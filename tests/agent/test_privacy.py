@@ -65,3 +65,13 @@ def test_randomised_response_keeps_with_the_right_probability() -> None:
     assert (out == 0).mean() == pytest.approx(keep, abs=0.01)
     assert set(np.unique(out)) == {0, 1, 2, 3}
     assert (randomised_response(labels, 4, 0.0, rng) == labels).all()
+
+
+def test_label_epsilon_must_be_finite_and_counts_towards_the_cap() -> None:
+    with pytest.raises(PrivacyError, match="bad_epsilon"):
+        PrivacyPolicy(8.0, require_label_privacy=True).check(make_spec(label_epsilon=float("nan")))
+    with pytest.raises(PrivacyError, match="together exceed"):
+        PrivacyPolicy(5.0).check(make_spec(epsilon=4.0, label_epsilon=2.0))
+    PrivacyPolicy(6.0).check(make_spec(epsilon=4.0, label_epsilon=2.0))
+    with pytest.raises(ValueError):
+        PrivacyPolicy(float("inf"))

@@ -100,3 +100,12 @@ def test_usage_log_retention(tmp_path: Path) -> None:
 def test_validate_report_rejects(bad: PlugReport) -> None:
     with pytest.raises(ValueError):
         validate_report(bad, ("fridge",))
+
+
+def test_reports_from_the_future_are_refused() -> None:
+    import time
+
+    now = time.time()
+    validate_report(PlugReport("d", "fridge", now + 60, 1, 1, True), ("fridge",))  # small skew is fine
+    with pytest.raises(ValueError, match="in the future"):
+        validate_report(PlugReport("d", "fridge", now + 86400, 1, 1, True), ("fridge",))

@@ -76,14 +76,17 @@ def test_rounds_close_anchor_and_audit(world) -> None:  # type: ignore[no-untype
         rs = coord.open_round(spec.task_id, r)
         for d in devices:
             seq += 1
+            if r == 2 and d is devices[-1]:  # an invalid update of a selected customer is kept, anchored and rejected
+                assert coord.receive_update(update_env(edge, spec, r, d.node_id, "00" * 32, 0.05, seq)).detail.startswith("wrong_base")
+                continue
             assert coord.receive_update(update_env(edge, spec, r, d.node_id, rs.global_model_hash, 0.05, seq)).status == "received"
-        if r == 2:  # one invalid update from the registered edge is recorded and anchored as rejected
-            coord.receive_update(update_env(edge, spec, 2, Identity.generate().node_id, rs.global_model_hash, 0.05, 99))
+        if r == 2:  # an update for a customer the edge does not serve is refused and not recorded
+            assert coord.receive_update(update_env(edge, spec, 2, Identity.generate().node_id, rs.global_model_hash, 0.05, 99)).http_status == 422
         summary = coord.close_round(spec.task_id, r)
         anchored = coord.anchor_pending()
         assert [a.round for a in anchored] == [r]
         assert anchored[0].gas_used > 0
-    assert (summary.accepted, summary.rejected) == (4, 1)
+    assert (summary.accepted, summary.rejected) == (3, 1)
     # a customer's Merkle proof checks against the root anchored on chain
     p = coord.proof(spec.task_id, 2, devices[0].node_id)
     assert p is not None
@@ -96,8 +99,8 @@ def test_rounds_close_anchor_and_audit(world) -> None:  # type: ignore[no-untype
 
     report = audit_model(contracts, store, summary.model_hash)
     assert report.ok, report.lines()
-    assert [len(r.updates) for r in report.rounds] == [4, 5]
-    assert any("unknown_customer" in u.reason for u in report.rounds[1].updates)
+    assert [len(r.updates) for r in report.rounds] == [4, 4]
+    assert any("wrong_base" in u.reason for u in report.rounds[1].updates)
 
     # closing again or anchoring again changes nothing
     assert coord.close_round(spec.task_id, 2).model_hash == summary.model_hash
@@ -157,3 +160,44 @@ def test_multi_krum_rounds_with_too_few_updates_fall_back_to_the_median() -> Non
     rule = effective_rule(spec.aggregation, len(ups))
     built = build_round(spec, 1, base, ups, [], rule, rule_params(rule, 2, 0.2, 0.1))
     assert built.manifest.rule == "coordinate_median" and len(built.manifest.accepted) == 2
+
+
+def test_an_edge_cannot_take_another_edges_customers_slot_or_close_the_round(world) -> None:  # type: ignore[no-untyped-def]
+    coord, spec, edge, devices, store, contracts, _ = world
+    rogue = Identity.generate()
+    coord.register([(rogue.public, "edge", None, None)])
+    rs = coord.open_round(spec.task_id, 1)
+    victim = devices[0].node_id
+    junk = coord.receive_update(update_env(rogue, spec, 1, victim, rs.global_model_hash, 5.0, 1))
+    assert (junk.http_status, junk.detail.split(":")[0]) == (403, "wrong_edge")
+    for i in range(20):  # made-up customers do not count towards the round
+        assert coord.receive_update(update_env(rogue, spec, 1, Identity.generate().node_id, rs.global_model_hash, 0.1, 10 + i)).http_status == 422
+    assert coord.round_progress(spec.task_id, 1) == (0, 4)
+    assert not store.has(junk.update_hash)
+    # the customer's own edge still gets its slot
+    assert coord.receive_update(update_env(edge, spec, 1, victim, rs.global_model_hash, 0.05, 2)).status == "received"
+
+
+def test_audit_detects_a_coordinator_that_reuses_an_old_signed_update(world) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.rounds import build_round
+    from crowdfl.envelope import parse
+    from crowdfl.merkle import merkle_root
+
+    coord, spec, edge, devices, store, contracts, _ = world
+    rs = coord.open_round(spec.task_id, 1)
+    for i, d in enumerate(devices):
+        coord.receive_update(update_env(edge, spec, 1, d.node_id, rs.global_model_hash, 0.05, 90 + i))
+    first = coord.close_round(spec.task_id, 1)
+    coord.anchor_pending()
+    # a dishonest coordinator publishes "round 2" made of round 1's signed updates
+    hashes = [u["update_hash"] for u in coord.round_detail(spec.task_id, 1)["updates"]]  # type: ignore[index]
+    olds = [(h, CODEC.decode(parse(store.get(h)).body, ModelUpdate)) for h in hashes]
+    forged = build_round(spec, 2, first.model_hash, olds, [], "fedavg", {}, accuracy=0.9)
+    model_hash, manifest_hash = store.put(forged.model_bytes), store.put(forged.manifest_bytes)
+    root = merkle_root([bytes.fromhex(h) for h in forged.manifest.updates])
+    contracts.anchor_round(bytes.fromhex(spec.task_id), 2, root, bytes.fromhex(model_hash), bytes.fromhex(manifest_hash), 4, 0)
+    report = audit_model(contracts, store, model_hash)
+    problems = [p for r in report.rounds for p in r.problems]
+    assert not report.ok
+    assert any("already anchored in an earlier round" in p for p in problems), problems
+    assert any("not this round" in p for p in problems), problems
