@@ -146,9 +146,17 @@ def run(cfg: AgentConfig) -> int:
         target=poll_sources, args=(sources, agent.usage_log, stop, cfg.source.poll_s), name="sources", daemon=True
     )
     feeder.start()
+    metrics = None
+    if cfg.metrics_port:
+        from .metrics import MetricsServer
+
+        metrics = MetricsServer(agent, port=cfg.metrics_port)
+        metrics.start()
 
     def _stop_sources() -> None:
         stop.set()
+        if metrics is not None:
+            metrics.stop()
         feeder.join(timeout=10)
         for src in sources:
             try:

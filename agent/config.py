@@ -101,6 +101,7 @@ class AgentConfig:
     max_spool_mb: float = 64.0
     resend_after_s: float = 30.0
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long to wait for the edge to acknowledge the spool
+    metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:<port>; 0 = off
 
     def __post_init__(self) -> None:
         seen: dict[tuple[str, str, int], str] = {}
@@ -113,6 +114,8 @@ class AgentConfig:
             if p.log_id in ids:
                 raise ValueError(f"plugs: device_id {p.log_id!r} is used twice")
             ids.add(p.log_id)
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be 0 (off) or a TCP port")
         if not 0 <= self.shutdown_grace_s <= 25:
             raise ValueError("shutdown_grace_s must be in [0, 25] (systemd stops the unit after 30 s)")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -21,13 +22,15 @@ from web3 import Web3
 from werkzeug.exceptions import HTTPException
 
 from crowdfl.errors import CrowdflError
-from crowdfl.serving import BackgroundHttpServer
 from crowdfl.identity import PublicIdentity
 from crowdfl.messages import CODEC, ModelWeights, TaskSpec
+from crowdfl.metrics import CONTENT_TYPE
+from crowdfl.serving import BackgroundHttpServer
 
 from .audit import audit_model
 from .chain import ChainError
 from .dashboard import dashboard_blueprint, root_redirect
+from .metrics import render_coordinator_metrics
 from .openapi import openapi_document
 from .service import Coordinator
 from .store import StoreError
@@ -172,11 +175,18 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
             return error(exc.code, exc.detail, 404 if exc.code == "missing" else 400)
         return Response(data, mimetype="application/octet-stream", headers={"X-Content-SHA256": address})
 
+    intake: Counter[tuple[str, str]] = Counter()
+
+    @app.get("/metrics")
+    def metrics() -> Any:
+        return Response(render_coordinator_metrics(coord, intake), content_type=CONTENT_TYPE)
+
     @app.post("/api/v1/updates")
     def updates() -> Any:
         if request.mimetype != "application/octet-stream":
             return error("bad_content_type", "send the raw envelope as application/octet-stream", 415)
         result = coord.receive_update(request.get_data(cache=False))
+        intake[(result.status, result.detail.split(":", 1)[0] if result.status == "rejected" else "")] += 1
         body = {"status": result.status, "detail": result.detail, "update_hash": result.update_hash}
         if result.status == "rejected":
             body["error"] = result.detail.split(":", 1)[0]

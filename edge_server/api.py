@@ -13,7 +13,7 @@ from flask import Flask, Response, jsonify
 
 from crowdfl.serving import BackgroundHttpServer
 
-from .metrics import CONTENT_TYPE, Exposition
+from crowdfl.metrics import CONTENT_TYPE, Exposition
 
 if TYPE_CHECKING:
     from .service import EdgeServer

@@ -33,7 +33,7 @@ from crowdfl.messages import CODEC, Ack, ModelUpdate, ModelWeights, RoundStart, 
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic
 
 from .ingest import Ingestor
-from .metrics import Histogram
+from crowdfl.metrics import Histogram
 from .store import EdgeStore
 from .submit import CoordinatorClient
 from .trainer import train_customer

@@ -122,3 +122,27 @@ def test_a_round_with_no_fresh_sample_yet_is_retried_while_it_is_current(tmp_pat
         assert agent.state.budget().samples_released == spec.samples_per_round
     finally:
         close(agent)
+
+
+def test_metrics_endpoint_reports_budget_and_spool(tmp_path: Path, designed_task) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    from agent.metrics import MetricsServer
+
+    parts = Parts(tmp_path, designed_task)
+    agent = parts.agent()
+    server = MetricsServer(agent)
+    server.start()
+    try:
+        agent.handle(parts.task_msg())
+        agent.handle(parts.round_msg(1))
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        n = designed_task.spec.samples_per_round
+        assert f"crowdfl_agent_samples_released {n}" in text
+        assert "crowdfl_agent_spool_pending 1" in text and "crowdfl_agent_mqtt_connected 0" in text
+        assert f'crowdfl_agent_epsilon_spent{{task="{designed_task.spec.task_id[:16]}"}} {n * designed_task.spec.epsilon:g}' in text
+    finally:
+        server.stop()
+        close(agent)

@@ -201,3 +201,24 @@ def test_audit_detects_a_coordinator_that_reuses_an_old_signed_update(world) -> 
     assert not report.ok
     assert any("already anchored in an earlier round" in p for p in problems), problems
     assert any("not this round" in p for p in problems), problems
+
+
+def test_prometheus_metrics_follow_intake_rounds_and_anchoring(world) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.api import create_app
+
+    coord, spec, edge, devices, store, contracts, _ = world
+    client = create_app(coord).test_client()
+    rs = coord.open_round(spec.task_id, 1)
+    for i, d in enumerate(devices):
+        r = client.post("/api/v1/updates", data=update_env(edge, spec, 1, d.node_id, rs.global_model_hash, 0.05, 300 + i),
+                        content_type="application/octet-stream")
+        assert r.status_code == 200
+    client.post("/api/v1/updates", data=b"junk", content_type="application/octet-stream")
+    coord.close_round(spec.task_id, 1)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'crowdfl_coordinator_intake_total{status="received",reason=""} 4' in text
+    assert 'crowdfl_coordinator_intake_total{status="rejected",reason="truncated"} 1' in text
+    assert "crowdfl_coordinator_anchor_queue 1" in text and 'crowdfl_coordinator_rounds{status="closed"} 1' in text
+    coord.anchor_pending()
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "crowdfl_coordinator_anchor_queue 0" in text and 'crowdfl_coordinator_updates{status="accepted"} 4' in text

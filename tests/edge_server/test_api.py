@@ -13,7 +13,7 @@ import pytest
 
 from crowdfl.mqtt import Incoming
 from edge_server.api import HttpServer, create_app
-from edge_server.metrics import Exposition, Histogram
+from crowdfl.metrics import Exposition, Histogram
 from edge_server.service import EdgeServer
 from edge_server.store import EdgeStore
 from tests.edge_server.fakes import FakeLink, RecordingCoordinator, make_world

@@ -1,8 +1,8 @@
-"""Prometheus text exposition (format 0.0.4) of the edge's counters, written by hand.
+"""Prometheus text exposition (format 0.0.4), written by hand, for all three roles.
 
-Twenty lines of formatting do not justify a dependency (and its global default registry); the
-edge's counters live in :class:`~edge_server.ingest.IngestStats` and
-:class:`~edge_server.service.EdgeStats`, and a scrape renders a snapshot of them.
+Twenty lines of formatting do not justify a dependency (and its global default registry). Each
+role keeps its counters in its own stats objects (the agent's ``AgentStats``, the edge's
+``IngestStats``/``EdgeStats``, the coordinator's database) and a scrape renders a snapshot of them.
 """
 
 from __future__ import annotations
