@@ -115,8 +115,6 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
         designed = design_task(TaskDesign(rounds=int(new_task["rounds"]), epsilon=new_task["epsilon"]), datetime(2026, 9, 1, tzinfo=UTC))
         coord.publish_task(designed.spec, designed.front_tflite, designed.initial)
         log.info("published task %s", designed.spec.task_id)
-    for task_id in coord.running_tasks():
-        coord.evaluators[task_id] = HeldOut(*_held_out(coord, store, task_id))
     coord.sync_registry()
     coord.republish()
     if not cfg.admin_token:
@@ -128,6 +126,8 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     while not stop.is_set():
         for task_id in coord.running_tasks():
             try:
+                if task_id not in coord.evaluators:  # also tasks published through the admin API
+                    coord.evaluators[task_id] = HeldOut(*_held_out(coord, store, task_id))
                 summary = coord.step(task_id, cfg.round_timeout_s)
                 if summary is not None:
                     log.info("round %d closed: accuracy %.3f, %d accepted, %d rejected", summary.round, summary.accuracy, summary.accepted, summary.rejected)
