@@ -251,11 +251,3 @@ class Agent:
             log.warning("stopping with %d unacknowledged envelope(s) in the spool; they are resent on the next start", left)
         return left
 
-
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from web3 import Web3
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
@@ -373,7 +373,7 @@ class Coordinator:
         """(updates received, customers selected)."""
         with self.sessions() as s:
             rnd = s.get(Round, (task_id, round_))
-            n = len(list(s.scalars(select(Update.id).where(Update.task_id == task_id, Update.round == round_))))
+            n = int(s.scalar(select(func.count()).select_from(Update).where(Update.task_id == task_id, Update.round == round_)) or 0)
         return n, len(json.loads(rnd.selected)) if rnd else 0
 
     # -- closing --------------------------------------------------------------------------------
