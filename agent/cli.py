@@ -15,7 +15,7 @@ import numpy as np
 
 from crowdfl.artifacts import fetch_artifact
 from crowdfl.errors import CrowdflError
-from crowdfl.household import DEVICE_KINDS, sample_profile
+from crowdfl.devices import DEVICE_KINDS
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
 from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
@@ -96,6 +96,8 @@ def build_sources(cfg: AgentConfig, short: str) -> list[UsageSource]:
     """The configured sensor readers: a simulated household and/or the home's smart plugs."""
     sources: list[UsageSource] = []
     if cfg.source.kind == "simulated":
+        from crowdfl.household import sample_profile  # the generator only where it is configured
+
         profile = sample_profile(f"sim-{short}", np.random.default_rng(cfg.source.seed))
         now = time.time()
         start = datetime.fromtimestamp(now - now % cfg.source.interval_s - 28 * 86400, UTC)

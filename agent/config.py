@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crowdfl.config import load_config
-from crowdfl.household import DEVICE_KINDS
+from crowdfl.devices import DEVICE_KINDS
 from crowdfl.mqtt import MqttSettings
 
 PLUG_FIRMWARES = ("tasmota", "shelly_gen1", "shelly_gen2")

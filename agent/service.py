@@ -23,7 +23,7 @@ from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.messages import CODEC, Ack, FeatureBatch, RoundStart, TaskSpec
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic, feature_topic
 
-from .front import FrontModel
+from crowdfl.front import FrontModel
 from .privacy import PrivacyPolicy, privatise_features, randomised_response
 from .samples import samples_from_log
 from .state import AgentState

@@ -32,14 +32,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from crowdfl.errors import CrowdflError
-from crowdfl.household import DEVICE_KINDS, ON_THRESHOLD_W, HouseholdProfile, PlugReport, plug_reports, timeline_usage
+from crowdfl.devices import DEVICE_KINDS, ON_THRESHOLD_W, PlugReport
 from crowdfl.mqtt import MqttLink, MqttSettings
 
 from .config import PlugSettings
 from .usage_log import validate_report
+
+if TYPE_CHECKING:  # the generator is loaded only by a device configured with a simulated source
+    from crowdfl.household import HouseholdProfile
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ class SimulatedSource:
         intervals = int((now - begin) // self.interval_s)
         if intervals <= 0:
             return []
+        from crowdfl.household import plug_reports, timeline_usage
+
         first = datetime.fromtimestamp(begin, tz=self.start.tzinfo)
         matrix = timeline_usage(self.profile, self.seed, first, intervals, self.interval_s)
         reports = plug_reports(self.profile, matrix, first, self.interval_s)

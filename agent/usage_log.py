@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crowdfl.household import PlugReport
+from crowdfl.devices import PlugReport
 
 log = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def per_sample_us(fn: Callable[[], Any], batch: int, repeats: int, warmup: int =
 def latency(designed: Any, keras_front: Any, quick: bool) -> dict[str, Any]:
     import tensorflow as tf
 
-    from agent.front import FrontModel
+    from crowdfl.front import FrontModel
 
     spec = designed.spec
     front = FrontModel(designed.front_tflite, spec.front_model_hash, num_threads=1)
@@ -148,7 +148,7 @@ class RssSampler:
 def agent_memory(designed: Any, workdir: Path) -> dict[str, Any]:
     from crowdfl.identity import Identity
     from crowdfl.mqtt import MqttSettings
-    from crowdfl.sim.broker import EmbeddedBroker
+    from crowdfl_sim.broker import EmbeddedBroker
     from tests.agent.process import AgentProcess, read_ledger, write_jsonl
     from tests.agent.world import World, household_reports, wait_for
 

@@ -6,59 +6,17 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
-from crowdfl.config import load_config
+from crowdfl import household
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
-from crowdfl.mqtt import MqttLink, MqttSettings
+from crowdfl.mqtt import MqttLink
 from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
 
-from .reputation import ReputationConfig
+from .config import CoordinatorConfig, load
 
 log = logging.getLogger("crowdfl.coordinator")
-
-
-@dataclass(frozen=True)
-class ChainSettings:
-    kind: str = "embedded"  # embedded (eth-tester, in-process, lost on exit) | rpc
-    rpc_url: str = ""
-    private_key_file: Path | None = None  # hex key of the manufacturer's sealer/owner account
-    chain_id: int | None = None
-    confirmations: int = 0
-    gas_price_wei: int | None = None
-    poa: bool = True
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    state_dir: Path = Path("/var/lib/crowdfl-coordinator")
-    database_url: str = ""
-    api_host: str = "127.0.0.1"
-    api_port: int = 8470
-    mqtt: MqttSettings = field(default_factory=MqttSettings)
-    chain: ChainSettings = field(default_factory=ChainSettings)
-    round_timeout_s: float = 3600.0
-    byzantine_fraction: float = 0.2
-    trim_beta: float = 0.1
-    # bearer token for the admin API (register/remove participants, publish tasks); empty: disabled
-    admin_token: str = ""
-    max_participants: int = 0  # customers per round; 0: every eligible one
-    reputation: ReputationConfig = field(default_factory=ReputationConfig)
-
-    @property
-    def key_file(self) -> Path:
-        return self.state_dir / "identity.json"
-
-    @property
-    def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.state_dir / 'coordinator.sqlite'}"
-
-
-def load(path: Path | None) -> CoordinatorConfig:
-    return load_config(CoordinatorConfig, path, "CROWDFL_COORDINATOR")
 
 
 def _contracts(cfg: CoordinatorConfig):  # type: ignore[no-untyped-def]
@@ -99,7 +57,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     from .ledger import LedgerPolicy
     from .service import Coordinator, HeldOut
     from .store import LocalContentStore
-    from .task_model import TaskDesign, design_task
+    from .task_model import TaskDesign, design_task, held_out_set
 
     ident, _ = Identity.load_or_create(cfg.key_file)
     contracts = _contracts(cfg)
@@ -112,7 +70,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
         policy=LedgerPolicy(cfg.reputation, cfg.max_participants),
     )
     if new_task is not None and not coord.running_tasks():
-        designed = design_task(TaskDesign(rounds=int(new_task["rounds"]), epsilon=new_task["epsilon"]), datetime(2026, 9, 1, tzinfo=UTC))
+        designed = design_task(TaskDesign(rounds=int(new_task["rounds"]), epsilon=new_task["epsilon"]), household.WORLD_START)
         coord.publish_task(designed.spec, designed.front_tflite, designed.initial)
         log.info("published task %s", designed.spec.task_id)
     coord.sync_registry()
@@ -127,7 +85,8 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
         for task_id in coord.running_tasks():
             try:
                 if task_id not in coord.evaluators:  # also tasks published through the admin API
-                    coord.evaluators[task_id] = HeldOut(*_held_out(coord, store, task_id))
+                    spec = coord.spec(task_id)
+                    coord.evaluators[task_id] = HeldOut(*held_out_set(spec, store.get(spec.front_model_hash)))
                 summary = coord.step(task_id, cfg.round_timeout_s)
                 if summary is not None:
                     log.info("round %d closed: accuracy %.3f, %d accepted, %d rejected", summary.round, summary.accuracy, summary.accepted, summary.rejected)
@@ -139,24 +98,6 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     link.stop()
     log.info("coordinator stopped cleanly at %s", time.strftime("%H:%M:%S"))
     return 0
-
-
-def _held_out(coord, store, task_id: str):  # type: ignore[no-untyped-def]
-    """The manufacturer's own test homes (generated, disjoint from the lab and from customers)."""
-    import numpy as np
-
-    from crowdfl import household
-    from crowdfl.task import task_samples
-
-    from .task_model import clean_features
-
-    spec = coord.spec(task_id)
-    start = datetime(2026, 9, 1, tzinfo=UTC)
-    homes = household.generate_households(8, 424242, start, 42, 3600)
-    parts = [task_samples(spec, m, int(start.timestamp() // 3600)) for _, m in homes]
-    inputs = np.concatenate([p.inputs for p in parts])
-    labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
-    return clean_features(store.get(spec.front_model_hash), spec, inputs), labels
 
 
 def main(argv: list[str] | None = None) -> int:

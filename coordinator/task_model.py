@@ -26,8 +26,9 @@ import numpy as np
 
 from crowdfl import household
 from crowdfl.backmodel import initial_back_weights
+from crowdfl.devices import DEVICE_KINDS
 from crowdfl.messages import CODEC, ModelWeights, TaskSpec, sha256_hex
-from crowdfl.task import Samples, build_samples, laplace_scale, prepare_features
+from crowdfl.task import Samples, build_samples, laplace_scale, prepare_features, task_samples
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def design_task(design: TaskDesign, start: datetime, now: float | None = None) -
     """Pretrain on lab households, split, quantise the front, and build the TaskSpec."""
     import keras
 
-    from agent.front import FrontModel
+    from crowdfl.front import FrontModel
 
     keras.utils.set_random_seed(design.seed)
     samples, input_scale, edges = lab_samples(design, start)
@@ -166,7 +167,7 @@ def design_task(design: TaskDesign, start: datetime, now: float | None = None) -
         clip_l1=clip_l1,
         window_hours=design.window_hours,
         horizon_hours=design.horizon_hours,
-        device_kinds=tuple(household.DEVICE_KINDS),
+        device_kinds=tuple(DEVICE_KINDS),
         class_edges_wh=edges,
         input_scale=input_scale,
         feature_scale=feature_scale,
@@ -187,6 +188,27 @@ def design_task(design: TaskDesign, start: datetime, now: float | None = None) -
 
 def clean_features(front_tflite: bytes, spec: TaskSpec, inputs: np.ndarray) -> np.ndarray:
     """Held-out evaluation features: the devices' int8 front and normalisation, without noise."""
-    from agent.front import FrontModel
+    from crowdfl.front import FrontModel
 
     return prepare_features(FrontModel(front_tflite, spec.front_model_hash)(inputs), spec.feature_scale, spec.clip_l1)
+
+
+@dataclass(frozen=True)
+class HeldOutDesign:
+    """The manufacturer's own test homes: generated, disjoint from the lab homes (other seed) and
+    from every customer, evaluated through the devices' front without noise."""
+
+    homes: int = 8
+    seed: int = 424242
+    days: int = 42
+    start: datetime = household.WORLD_START
+
+
+def held_out_set(spec: TaskSpec, front_tflite: bytes, design: HeldOutDesign = HeldOutDesign()) -> tuple[np.ndarray, np.ndarray]:
+    """(clean features, int64 labels) of the held-out homes, for the coordinator's round evaluation."""
+    homes = household.generate_households(design.homes, design.seed, design.start, design.days, 3600)
+    first_hour = int(design.start.timestamp() // 3600)
+    parts = [task_samples(spec, m, first_hour) for _, m in homes]
+    inputs = np.concatenate([p.inputs for p in parts])
+    labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
+    return clean_features(front_tflite, spec, inputs), labels

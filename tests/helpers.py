@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from crowdfl.household import DEVICE_KINDS
+from crowdfl.devices import DEVICE_KINDS
 from crowdfl.messages import TaskSpec
 
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from crowdfl.sim.demo import DemoOptions, run_demo
+from crowdfl_sim.demo import DemoOptions, run_demo
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 No MNIST ships in any installable package (see /work/shared/dependency-notes.md), so the
 1,797 8x8 digits of `sklearn.datasets.load_digits` stand in. The network is split as the papers
 split it: convolutions (and the bottleneck) on the device, run as an int8 TFLite model by
-`agent.front.FrontModel`; the dense layers at the edge, trained by the edge's trainer and
+`crowdfl.front.FrontModel`; the dense layers at the edge, trained by the edge's trainer and
 aggregated by the coordinator. What differs per variant is what sits between the two:
 
 * ``paper``: a sigmoid bottleneck, then `crowdfl.task.prepare_features` (box-clip to [0, 1],
@@ -216,7 +216,7 @@ def design_fronts(variant: str, epsilons: Sequence[float], setup: DigitsSetup, s
 
 
 def device_features(f: DigitsFront, images: np.ndarray) -> np.ndarray:
-    from agent.front import FrontModel
+    from crowdfl.front import FrontModel
 
     return FrontModel(f.front_tflite, f.spec.front_model_hash)(images)
 

@@ -2,7 +2,7 @@
 
 Everything comes from the project's own code: `coordinator.task_model.design_task` pretrains on
 the manufacturer's lab households and publishes the int8 front and a fresh head; customers are
-`crowdfl.household` homes whose windows go through `agent.front.FrontModel` and
+`crowdfl.household` homes whose windows go through `crowdfl.front.FrontModel` and
 `agent.privacy.privatise_features`; held-out features are `coordinator.task_model.clean_features`.
 """
 
@@ -79,7 +79,7 @@ def homes(n: int, seed: int, days: int, spec: TaskSpec) -> Homes:
 
 def front_features(d: Design, inputs: np.ndarray) -> np.ndarray:
     """The int8 front on the device (raw, before the normalisation and the noise)."""
-    from agent.front import FrontModel
+    from crowdfl.front import FrontModel
 
     return FrontModel(d.front_tflite, d.spec.front_model_hash)(inputs)
 

@@ -2,7 +2,7 @@
 
 The edge knows everything public about the task (the int8 front, the normalisation, epsilon),
 so it can simulate its own "shadow" households, push them through the very same device code
-(`agent.front.FrontModel`, `agent.privacy.privatise_features`) and learn a mapping from released
+(`crowdfl.front.FrontModel`, `agent.privacy.privatise_features`) and learn a mapping from released
 features to what it wants to know. It is then scored on other ("victim") households:
 
 * per sample: the window's total energy (log Wh, R^2) from one released feature vector, from the

@@ -44,7 +44,7 @@ def write_report(res: dict[str, Any], out: Path) -> str:
     add("Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("started", "cpus", "platform")) + f"; {env.get('platform', '')}.")
     add("")
     add("Everything runs the project's own code in one process (no broker, no chain): the int8 TFLite "
-        "front through `agent.front.FrontModel`, the device's normalisation and Laplace noise through "
+        "front through `crowdfl.front.FrontModel`, the device's normalisation and Laplace noise through "
         "`agent.privacy.privatise_features`, the household task designed by `coordinator.task_model.design_task`, "
         "aggregation by `coordinator.aggregation.aggregate` with `coordinator.rounds.rule_params` (the coordinator's "
         "defaults: byzantine fraction 0.2, trim β 0.1), reputation by `coordinator.reputation` "

@@ -169,7 +169,7 @@ in_chroot "$R" /opt/crowdfl/venv/bin/pip install -q --no-index --disable-pip-ver
 in_chroot "$R" /opt/crowdfl/venv/bin/pip check >&2
 # Prove the agent imports on arm64 without TensorFlow (LiteRT, numpy, paho, pycryptodome).
 in_chroot "$R" /opt/crowdfl/venv/bin/python -c '
-import importlib.util, agent.cli, agent.front
+import importlib.util, agent.cli, crowdfl.front
 from ai_edge_litert.interpreter import Interpreter
 assert importlib.util.find_spec("tensorflow") is None, "TensorFlow in the device venv"
 ' >&2

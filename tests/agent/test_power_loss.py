@@ -22,7 +22,7 @@ import pytest
 
 from crowdfl.identity import Identity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
-from crowdfl.sim.broker import EmbeddedBroker
+from crowdfl_sim.broker import EmbeddedBroker
 from tests.agent.conftest import HISTORY_START
 from tests.agent.process import AgentProcess, read_ledger, write_jsonl
 from tests.agent.world import EdgeCounts, World, edge_counts, household_reports, wait_for

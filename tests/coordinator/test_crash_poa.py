@@ -22,7 +22,7 @@ import pytest
 
 from coordinator.chain import connect
 from coordinator.contracts import CrowdContracts
-from crowdfl.cli import main as crowdfl_main
+from crowdfl_sim.cli import main as crowdfl_main
 from tests.coordinator.tcp_proxy import TcpProxy
 from tests.coordinator.world import FRONT, make_world, task_parts, update_env
 from tests.support.poa_chain import GAS_PRICE_WEI, PoaChain

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdfl.sim.demo import DemoOptions, DemoResult, run_demo
+from crowdfl_sim.demo import DemoOptions, DemoResult, run_demo
 from tests.support.realparts import require_real_part
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdfl.sim.broker import EmbeddedBroker
+from crowdfl_sim.broker import EmbeddedBroker
 
 ROOT = Path(__file__).resolve().parents[2]
 

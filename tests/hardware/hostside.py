@@ -1,6 +1,6 @@
 """The host half of the emulated-device tests: broker, chain, coordinator API and one edge server.
 
-Built as in ``crowdfl/sim/demo.py`` (embedded amqtt broker, eth-tester chain, the coordinator's
+Built as in ``crowdfl_sim/demo.py`` (embedded amqtt broker, eth-tester chain, the coordinator's
 Flask API, SQLite), all on 127.0.0.1. The devices are not built here: they run in QEMU, generate
 their own keys, and are registered from the public keys they print (as the manufacturer would).
 """
@@ -56,7 +56,7 @@ class HostSide:
         from coordinator.service import Coordinator
         from coordinator.store import LocalContentStore
         from coordinator.task_model import TaskDesign, design_task
-        from crowdfl.sim.broker import EmbeddedBroker
+        from crowdfl_sim.broker import EmbeddedBroker
         from edge_server.service import EdgeServer
         from edge_server.store import EdgeStore
         from edge_server.submit import CoordinatorClient

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .sim.demo import DemoOptions, run_demo
+    from .demo import DemoOptions, run_demo
 
     opts = DemoOptions(
         agents=args.agents, edges=args.edges, rounds=args.rounds, epsilon=args.epsilon,

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -28,13 +27,12 @@ from crowdfl import household
 from crowdfl.artifacts import fetch_artifact
 from crowdfl.identity import Identity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
-from crowdfl.task import Samples, task_samples
 
 from .broker import EmbeddedBroker
 
 log = logging.getLogger(__name__)
 
-HISTORY_START = datetime(2026, 9, 1, tzinfo=UTC)
+HISTORY_START = household.WORLD_START
 
 
 @dataclass(frozen=True)
@@ -106,17 +104,6 @@ class Progress:
         self.out.flush()
 
 
-def _held_out(opts: DemoOptions, spec, front_tflite: bytes) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
-    from coordinator.task_model import clean_features
-
-    homes = household.generate_households(opts.held_out_households, opts.seed + 10_000, HISTORY_START, opts.history_days, 3600)
-    first_hour = int(HISTORY_START.timestamp() // 3600)
-    parts: list[Samples] = [task_samples(spec, m, first_hour) for _, m in homes]
-    inputs = np.concatenate([p.inputs for p in parts])
-    labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
-    return clean_features(front_tflite, spec, inputs), labels
-
-
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     # heavy imports here, so `crowdfl --help` stays fast and the agent extra needs none of them
     from agent.privacy import PrivacyPolicy
@@ -131,7 +118,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     from coordinator.db import make_sessions
     from coordinator.service import Coordinator, HeldOut
     from coordinator.store import LocalContentStore
-    from coordinator.task_model import TaskDesign, design_task
+    from coordinator.task_model import HeldOutDesign, TaskDesign, design_task, held_out_set
     from edge_server.service import EdgeServer
     from edge_server.store import EdgeStore
     from edge_server.submit import CoordinatorClient
@@ -166,7 +153,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             f"  task {spec.task_id[:12]}…: front model {len(designed.front_tflite)} bytes int8 TFLite, "
             f"{spec.feature_dim} features, clip L1 {spec.clip_l1:g}, {spec.num_classes} classes"
         )
-        features, labels = _held_out(opts, spec, designed.front_tflite)
+        features, labels = held_out_set(
+            spec, designed.front_tflite, HeldOutDesign(opts.held_out_households, opts.seed + 10_000, opts.history_days, HISTORY_START)
+        )
 
         coord_id = Identity.generate()
         store = LocalContentStore(workdir / "store")

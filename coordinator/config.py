@@ -1,0 +1,51 @@
+"""The coordinator's configuration (one TOML file, ``CROWDFL_COORDINATOR__*`` environment overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crowdfl.config import load_config
+from crowdfl.mqtt import MqttSettings
+
+from .reputation import ReputationConfig
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    kind: str = "embedded"  # embedded (eth-tester, in-process, lost on exit) | rpc
+    rpc_url: str = ""
+    private_key_file: Path | None = None  # hex key of the manufacturer's sealer/owner account
+    chain_id: int | None = None
+    confirmations: int = 0
+    gas_price_wei: int | None = None
+    poa: bool = True
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    state_dir: Path = Path("/var/lib/crowdfl-coordinator")
+    database_url: str = ""
+    api_host: str = "127.0.0.1"
+    api_port: int = 8470
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    chain: ChainSettings = field(default_factory=ChainSettings)
+    round_timeout_s: float = 3600.0
+    byzantine_fraction: float = 0.2
+    trim_beta: float = 0.1
+    # bearer token for the admin API (register/remove participants, publish tasks); empty: disabled
+    admin_token: str = ""
+    max_participants: int = 0  # customers per round; 0: every eligible one
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
+
+    @property
+    def key_file(self) -> Path:
+        return self.state_dir / "identity.json"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'coordinator.sqlite'}"
+
+
+def load(path: Path | None) -> CoordinatorConfig:
+    return load_config(CoordinatorConfig, path, "CROWDFL_COORDINATOR")
