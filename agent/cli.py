@@ -32,7 +32,7 @@ log = logging.getLogger("crowdfl.agent")
 
 def _peer(sign_key: str, enc_key: str, what: str) -> PublicIdentity:
     try:
-        return PublicIdentity(bytes.fromhex(sign_key), bytes.fromhex(enc_key or "00" * 32))
+        return PublicIdentity.from_hex(sign_key, enc_key or "00" * 32)
     except ValueError:
         raise CrowdflError("config", f"{what}: sign_key/enc_key must be 64 hex characters each (provisioned by the manufacturer)") from None
 

@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import PublicIdentity
-from crowdfl.messages import CODEC, ModelWeights, TaskSpec
+from crowdfl.messages import CODEC, ModelWeights, TaskSpec, is_hex64
 from crowdfl.metrics import CONTENT_TYPE
 from crowdfl.serving import BackgroundHttpServer
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024
 MAX_PARTICIPANTS_PER_CALL = 1000
-_HEX = frozenset("0123456789abcdef")
 
 
 class BadRequest(Exception):
@@ -52,7 +51,7 @@ class BadRequest(Exception):
 
 
 def _hex32(value: object, name: str) -> str:
-    if not isinstance(value, str) or len(value) != 64 or not set(value) <= _HEX:
+    if not is_hex64(value):
         raise BadRequest(f"{name} must be 64 lowercase hex characters")
     return value
 
@@ -109,7 +108,7 @@ def _participant_entry(raw: object, where: str) -> tuple[PublicIdentity, str, st
     payout = d.get("payout")
     if payout is not None and not Web3.is_address(payout):
         raise BadRequest(f"{where}.payout must be an Ethereum address")
-    return PublicIdentity(bytes.fromhex(node_id), bytes.fromhex(enc_key)), role, edge, payout
+    return PublicIdentity.from_hex(node_id, enc_key), role, edge, payout
 
 
 def create_app(coord: Coordinator, admin_token: str = "") -> Flask:

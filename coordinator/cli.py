@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             from .store import LocalContentStore
 
             try:
-                pub = PublicIdentity(bytes.fromhex(args.node_id), bytes.fromhex(args.enc_key))
+                pub = PublicIdentity.from_hex(args.node_id, args.enc_key)
             except ValueError:
                 raise CrowdflError("bad_key", "node_id and enc_key must be 64 hex characters each") from None
             ident, _ = Identity.load_or_create(cfg.key_file)

@@ -24,7 +24,7 @@ from crowdfl.backmodel import accuracy
 from crowdfl.envelope import parse, seal, verify
 from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import Identity, PublicIdentity
-from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundStart, TaskSpec, sha256_hex
+from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundStart, TaskSpec, is_hex64, sha256_hex
 from crowdfl.mqtt import round_topic, task_topic
 
 from .aggregation import AggregationResult, AggregationRule
@@ -60,10 +60,6 @@ class RoundSummary:
     model_hash: str
     manifest_hash: str
     merkle_root: str
-
-
-def _is_hex32(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 class HeldOut:
@@ -115,7 +111,7 @@ class Coordinator:
                 raise ValueError(f"role must be device or edge, got {role!r}")
             if payout is not None and not Web3.is_address(payout):
                 raise ValueError(f"payout must be an Ethereum address, got {payout!r}")
-            if edge is not None and (len(edge) != 64 or any(c not in "0123456789abcdef" for c in edge)):
+            if edge is not None and not is_hex64(edge):
                 raise ValueError("edge must be an edge server's node id (64 lowercase hex characters)")
         with self.sessions.begin() as s:
             for pub, role, edge, payout in entries:
@@ -304,7 +300,7 @@ class Coordinator:
             edge = self._participant(sealed.sender_id)
             if edge is None or edge.role != "edge" or not edge.active:
                 return IntakeResult(403, "rejected", "unknown_sender: not a registered edge server")
-            verify(sealed, PublicIdentity(bytes.fromhex(edge.node_id), bytes.fromhex(edge.enc_key)))
+            verify(sealed, PublicIdentity.from_hex(edge.node_id, edge.enc_key))
             if sealed.encrypted:
                 raise WireError("malformed", "updates are signed, not encrypted")
             update = CODEC.decode(sealed.body, ModelUpdate)
@@ -312,7 +308,7 @@ class Coordinator:
             log.warning("refused update submission: %s", exc)
             return IntakeResult(400 if exc.code != "bad_signature" else 403, "rejected", str(exc))
         update_hash = sealed.digest
-        if not _is_hex32(update.customer) or not 1 <= update.round <= 2**31 - 1 or not 0 <= update.num_samples <= 2**31 - 1:
+        if not is_hex64(update.customer) or not 1 <= update.round <= 2**31 - 1 or not 0 <= update.num_samples <= 2**31 - 1:
             return IntakeResult(400, "rejected", "malformed: customer must be 64 hex characters, round and num_samples 32-bit")
         with self._lock:
             try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from crowdfl.errors import CrowdflError
+from crowdfl.messages import is_hex64
 
 
 class StoreError(CrowdflError):
@@ -20,7 +21,7 @@ class StoreError(CrowdflError):
 
 
 def _check_address(address: str) -> str:
-    if len(address) != 64 or any(c not in "0123456789abcdef" for c in address):
+    if not is_hex64(address):
         raise StoreError("bad_address", f"{address!r} is not a lowercase sha256 hex digest")
     return address
 

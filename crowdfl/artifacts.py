@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 from .errors import CrowdflError
+from .messages import is_hex64
 
 
 class ArtifactError(CrowdflError):
@@ -15,7 +16,7 @@ class ArtifactError(CrowdflError):
 
 def fetch_artifact(base_url: str, sha256: str, max_bytes: int = 64 * 1024 * 1024, timeout_s: float = 30.0) -> bytes:
     """GET ``{base_url}/api/v1/artifacts/{sha256}`` and check the bytes against the address."""
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+    if not is_hex64(sha256):
         raise ArtifactError("bad_address", f"{sha256!r} is not a sha256 hex digest")
     url = f"{base_url.rstrip('/')}/api/v1/artifacts/{sha256}"
     try:

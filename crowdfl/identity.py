@@ -73,9 +73,19 @@ class PublicIdentity:
         return {"node_id": self.node_id, "sign_key": self.sign_key.hex(), "enc_key": self.enc_key.hex()}
 
     @classmethod
+    def from_hex(cls, sign_key: str, enc_key: str) -> PublicIdentity:
+        """From the two keys as hex (how registries, configs and the API carry them).
+
+        Raises ValueError unless each is 64 hex characters."""
+        try:
+            return cls(bytes.fromhex(sign_key), bytes.fromhex(enc_key))
+        except (ValueError, TypeError):
+            raise ValueError("sign_key and enc_key must be 64 hex characters each") from None
+
+    @classmethod
     def from_json(cls, obj: dict[str, Any]) -> PublicIdentity:
         try:
-            return cls(bytes.fromhex(obj["sign_key"]), bytes.fromhex(obj["enc_key"]))
+            return cls.from_hex(obj["sign_key"], obj["enc_key"])
         except (KeyError, ValueError, TypeError) as exc:
             raise ConfigError("bad_identity", f"public identity: {exc}") from None
 

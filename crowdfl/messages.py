@@ -136,3 +136,11 @@ CODEC = Codec([TaskSpec, RoundStart, FeatureBatch, Ack, ModelUpdate, ModelWeight
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_hex64(value: object) -> bool:
+    """A content address (sha256 digest) or a node id (Ed25519 key): 64 lowercase hex characters."""
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX_DIGITS

@@ -38,9 +38,10 @@ def _audit(args: argparse.Namespace) -> int:
     from coordinator.chain import ChainConfig, ChainError, connect
     from coordinator.contracts import CrowdContracts
     from coordinator.store import LocalContentStore
+    from crowdfl.messages import is_hex64
 
     model_hash = args.model_hash.lower()
-    if len(model_hash) != 64 or any(c not in "0123456789abcdef" for c in model_hash):
+    if not is_hex64(model_hash):
         print("crowdfl audit: MODEL_HASH must be a sha256 hex digest (64 characters)", file=sys.stderr)
         return 2
     if not args.store.is_dir():

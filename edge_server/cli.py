@@ -11,6 +11,7 @@ from pathlib import Path
 from crowdfl.artifacts import fetch_artifact
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
+from crowdfl.messages import is_hex64
 from crowdfl.mqtt import MqttLink
 from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
 
@@ -24,7 +25,7 @@ log = logging.getLogger("crowdfl.edge")
 
 
 def _hex32(value: str, what: str) -> str:
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower()):
+    if not is_hex64(value.lower()):
         raise CrowdflError("bad_key", f"{what} must be 64 hex characters")
     return value.lower()
 
@@ -32,7 +33,7 @@ def _hex32(value: str, what: str) -> str:
 def run(cfg: EdgeConfig) -> int:
     ident, _ = Identity.load_or_create(cfg.key_file)
     try:
-        coordinator = PublicIdentity(bytes.fromhex(cfg.coordinator.sign_key), bytes.fromhex(cfg.coordinator.enc_key or "00" * 32))
+        coordinator = PublicIdentity.from_hex(cfg.coordinator.sign_key, cfg.coordinator.enc_key or "00" * 32)
     except ValueError:
         raise CrowdflError("config", "coordinator.sign_key must be the coordinator's 64-hex Ed25519 key") from None
     short = short_id(ident.node_id)

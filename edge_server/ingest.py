@@ -141,7 +141,7 @@ class Ingestor:
 
     def refresh_devices(self) -> None:
         self._devices = {
-            nid: PublicIdentity(bytes.fromhex(nid), bytes.fromhex(enc)) for nid, enc in self.store.active_devices().items()
+            nid: PublicIdentity.from_hex(nid, enc) for nid, enc in self.store.active_devices().items()
         }
 
     def _open(self, items: list[tuple[Sealed, PublicIdentity]]) -> Callable[[int], Opened]:
