@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crowdfl.envelope import HEADER_SIZE, MemoryReplayGuard, open_envelope, seal
+from crowdfl.envelope import HEADER_SIZE, open_envelope, seal
 from crowdfl.errors import WireError
 from crowdfl.identity import Identity, PublicIdentity
 
@@ -19,8 +19,8 @@ def lookup(node: str) -> PublicIdentity | None:
     return SENDER.public if node == SENDER.node_id else None
 
 
-def _open(data: bytes, guard: MemoryReplayGuard | None = None, recipient: Identity = RECIPIENT) -> bytes:
-    return open_envelope(data, lookup_sender=lookup, recipient=recipient, replay=guard).body
+def _open(data: bytes, recipient: Identity = RECIPIENT) -> bytes:
+    return open_envelope(data, lookup_sender=lookup, recipient=recipient).body
 
 
 def test_round_trip_encrypted_and_signed_only() -> None:
@@ -30,9 +30,9 @@ def test_round_trip_encrypted_and_signed_only() -> None:
     assert BODY not in seal(BODY, SENDER, 3, RECIPIENT.public)  # the payload is not readable in transit
 
 
-def _reason(data: bytes, guard: MemoryReplayGuard | None = None, recipient: Identity = RECIPIENT) -> str:
+def _reason(data: bytes, recipient: Identity = RECIPIENT) -> str:
     with pytest.raises(WireError) as e:
-        _open(data, guard, recipient)
+        _open(data, recipient)
     return e.value.code
 
 
@@ -65,19 +65,6 @@ def test_wrongly_signed() -> None:
     env[6:38] = SENDER.public.sign_key  # claims to be SENDER, signed with another key
     assert _reason(bytes(env)) == "bad_signature"
     assert _reason(seal(BODY, impostor, 1, RECIPIENT.public)) == "unknown_sender"
-
-
-def test_replayed_and_nothing_recorded_on_failure() -> None:
-    guard = MemoryReplayGuard()
-    env = seal(BODY, SENDER, 7, RECIPIENT.public)
-    assert _open(env, guard) == BODY
-    assert _reason(env, guard) == "replay"
-    # a failing envelope with a fresh seq must not burn that seq
-    bad = bytearray(seal(BODY, SENDER, 8, RECIPIENT.public))
-    bad[-1] ^= 1
-    assert _reason(bytes(bad), guard) == "bad_signature"
-    assert not guard.seen(SENDER.node_id, 8)
-    assert _open(seal(BODY, SENDER, 8, RECIPIENT.public), guard) == BODY
 
 
 def test_wrong_version_magic_flags() -> None:

@@ -145,6 +145,24 @@ def test_sample_reuse_is_caught_after_a_restart_and_within_a_drain(setup, edge_d
         fresh.close()
 
 
+def test_a_replayed_envelope_is_taken_once_after_a_restart(setup, edge_db_url: str) -> None:  # type: ignore[no-untyped-def]
+    """The replay guard of the feature path is the edge's database (crowdfl.envelope keeps none):
+    a captured envelope played again to a restarted edge is acknowledged, not stored twice."""
+    edge, device, store, ing = setup
+    captured = msg(edge, device, batch([1, 2]), 9)
+    ing.drain([captured])
+    fresh = EdgeStore(edge_db_url)
+    try:
+        again = Ingestor(edge, fresh, {SPEC.task_id: SPEC}.get)
+        again.refresh_devices()
+        out = again.drain([captured])
+        assert out.acks == {device.node_id: [9]} and not out.accepted and not out.rejections
+        assert again.stats.duplicates == 1
+        assert fresh.customer_data(device.node_id, SPEC.task_id, 8).sample_ids.tolist() == [1, 2]
+    finally:
+        fresh.close()
+
+
 def test_rejection_text_is_stored_safely(setup) -> None:  # type: ignore[no-untyped-def]
     """Topic text comes from outside: NUL bytes (PostgreSQL refuses them) and length are bounded."""
     _, _, store, ing = setup
