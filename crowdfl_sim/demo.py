@@ -78,7 +78,8 @@ class DemoResult:
     samples_released: int = 0
     messages_rejected: dict[str, int] = field(default_factory=dict)
     pretrain_accuracy: float = 0.0
-    rewards_wei: int = 0  # credited on chain to the customers' payout addresses, all rounds
+    rewards_wei: int = 0  # owed on chain to the customers' payout addresses (the contract's owedTo), all rounds
+    rewards_db_wei: int = 0  # the same credits as the coordinator's database records them
 
 
 class Progress:
@@ -194,6 +195,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
 
         agents: list[Agent] = []
         registry: list[tuple] = [(e.identity.public, "edge", None, None) for e in edges]  # type: ignore[type-arg]
+        payouts: list[str] = []  # the customers' payout addresses, where the contract credits rewards
         rng = np.random.default_rng(opts.seed)
         for j in range(opts.agents):
             progress.status(f"  agents: generating household {j + 1}/{opts.agents}'s usage log…")
@@ -214,6 +216,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 )
             )
             payout = chain.w3.eth.account.create().address
+            payouts.append(payout)
             registry.append((ident.public, "device", edge.identity.node_id, payout))
             edge.store.register_devices([(ident.node_id, ident.public.enc_key.hex())])
         coordinator.register(registry)
@@ -266,7 +269,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             result.final_model_hash = summary.model_hash
 
         rewards = coordinator.rewards(spec.task_id)
-        result.rewards_wei = sum(int(c["reward_wei"]) for c in rewards["customers"])
+        result.rewards_db_wei = sum(int(c["reward_wei"]) for c in rewards["customers"])
+        result.rewards_wei = sum(contracts.owed_to(p) for p in payouts)  # read back from the contract
         reps = [c["reputation"] for c in rewards["customers"]] or [float("nan")]
         progress.line(
             f"rewards: {result.rewards_wei / 1e18:.4f} ETH of the {opts.reward_wei / 1e18:g} ETH pool credited to "

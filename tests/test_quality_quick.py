@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.realparts import require_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
@@ -23,8 +25,8 @@ NOISE = 0.05  # accuracy differences below this are run-to-run noise at these sa
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:  # type: ignore[type-arg]
-    pytest.importorskip("sklearn", reason="needs the bench extra: pip install -e .[bench]")
-    pytest.importorskip("matplotlib", reason="needs the bench extra: pip install -e .[bench]")
+    require_module("sklearn", "needs the bench extra: pip install -e .[bench]")
+    require_module("matplotlib", "needs the bench extra: pip install -e .[bench]")
     out = tmp_path_factory.mktemp("quality")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(

@@ -446,3 +446,15 @@ def test_tls_listeners_require_tls_1_2(mosquitto_broker: MosquittoBroker) -> Non
             pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"),
         ):
             ctx.wrap_socket(raw, server_hostname=broker.host)
+
+
+def test_a_missing_package_skips_locally_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support.realparts import require_module
+
+    assert require_module("json", "stdlib").dumps([1]) == "[1]"
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="no_such_pkg_for_crowdfl"):
+        require_module("no_such_pkg_for_crowdfl", "pip install nothing")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        require_module("no_such_pkg_for_crowdfl", "pip install nothing")

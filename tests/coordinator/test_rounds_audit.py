@@ -14,7 +14,7 @@ from coordinator.db import make_sessions
 from coordinator.service import Coordinator
 from coordinator.store import LocalContentStore
 from crowdfl.backmodel import initial_back_weights
-from crowdfl.envelope import seal
+from crowdfl.envelope import parse, seal
 from crowdfl.identity import Identity
 from crowdfl.merkle import verify_proof
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, sha256_hex
@@ -72,14 +72,19 @@ def test_intake_accepts_dedupes_and_rejects_with_reasons(world) -> None:  # type
 def test_rounds_close_anchor_and_audit(world) -> None:  # type: ignore[no-untyped-def]
     coord, spec, edge, devices, store, contracts, _ = world
     seq = 10
+    accepted: list[tuple[tuple[np.ndarray, ...], int]] = []  # round 2's valid updates: (weights, samples)
     for r in (1, 2):
         rs = coord.open_round(spec.task_id, r)
-        for d in devices:
+        for i, d in enumerate(devices):
             seq += 1
             if r == 2 and d is devices[-1]:  # an invalid update of a selected customer is kept, anchored and rejected
                 assert coord.receive_update(update_env(edge, spec, r, d.node_id, "00" * 32, 0.05, seq)).detail.startswith("wrong_base")
                 continue
-            assert coord.receive_update(update_env(edge, spec, r, d.node_id, rs.global_model_hash, 0.05, seq)).status == "received"
+            n = 10 * (i + 1)  # unequal sample counts, so a plain mean would differ from FedAvg
+            env = update_env(edge, spec, r, d.node_id, rs.global_model_hash, 0.05, seq, n)
+            assert coord.receive_update(env).status == "received"
+            if r == 2:
+                accepted.append((CODEC.decode(parse(env).body, ModelUpdate).weights, n))
         if r == 2:  # an update for a customer the edge does not serve is refused and not recorded
             assert coord.receive_update(update_env(edge, spec, 2, Identity.generate().node_id, rs.global_model_hash, 0.05, 99)).http_status == 422
         summary = coord.close_round(spec.task_id, r)
@@ -95,7 +100,13 @@ def test_rounds_close_anchor_and_audit(world) -> None:  # type: ignore[no-untype
     assert contracts.verify_inclusion(bytes.fromhex(spec.task_id), 2, bytes.fromhex(p["update_hash"]), [bytes.fromhex(x) for x in p["proof"]])
     # FedAvg over the accepted updates, weighted by samples, is what was published
     model = CODEC.decode(store.get(summary.model_hash), ModelWeights)
-    assert model.round == 2
+    assert model.round == 2 and spec.aggregation == "fedavg" and len(accepted) == 3
+    total = sum(n for _, n in accepted)
+    for layer, published_layer in enumerate(model.weights):
+        expected = sum(w[layer].astype(np.float64) * n for w, n in accepted) / total
+        plain_mean = sum(w[layer].astype(np.float64) for w, _ in accepted) / len(accepted)
+        np.testing.assert_allclose(published_layer, expected, rtol=0, atol=1e-6)
+        assert not np.allclose(published_layer, plain_mean, rtol=0, atol=1e-6)
 
     report = audit_model(contracts, store, summary.model_hash)
     assert report.ok, report.lines()

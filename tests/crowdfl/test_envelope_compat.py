@@ -14,6 +14,7 @@ import pytest
 
 from crowdfl.envelope import _HEADER, ENV_MAGIC, ENV_VERSION, FLAG_ENCRYPTED, fingerprint, open_envelope, seal
 from crowdfl.identity import Identity, PublicIdentity
+from tests.support.realparts import require_module
 
 BODY = b"CF\x01\x14" + bytes(range(256)) * 3
 
@@ -81,7 +82,7 @@ def _pycryptodome_open(env: bytes, sender: PublicIdentity, recipient_seed: bytes
 
 
 def test_envelopes_interchange_with_pycryptodome() -> None:
-    pytest.importorskip("Crypto")
+    require_module("Crypto", "pip install -e .[dev] (pycryptodome, the reference implementation)")
     from Crypto.Protocol import DH
     from Crypto.Signature import eddsa
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,18 @@ def require_real_part(name: str, available: bool, reason: str) -> None:
             f"{message} (CI=true: missing real parts are failures)", pytrace=False
         )
     pytest.skip(message)
+
+
+def require_module(module: str, install_hint: str) -> Any:
+    """Import a Python package a test needs (an extra, a reference implementation), or skip the
+    test, or under CI=true fail it: there a missing package is a broken install step."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        require_real_part(module, False, f"{exc}; {install_hint}")
+        raise  # not reached: require_real_part skipped or failed
 
 
 def find_executable(
