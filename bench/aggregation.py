@@ -5,6 +5,8 @@ Run in the Flower venv (bench/setup_flwr_venv.sh builds it):
     bench/.venv-flwr/bin/python bench/aggregation.py            # 1,000 x 100,000, 1-2 min
     bench/.venv-flwr/bin/python bench/aggregation.py --quick    # 200 x 20,000, seconds
 
+Figures go to bench/results/aggregation.json (``aggregation.quick.json`` for --quick).
+
 crowdfl's coordinator/aggregation.py is imported by path (it needs only numpy), so this venv
 does not need the project's dependencies. Flower's rules are the pure functions in
 flwr/server/strategy/aggregate.py that its FedAvg / Krum / FedMedian / FedTrimmedAvg strategies
@@ -30,6 +32,9 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.results_io import write_result  # noqa: E402 (stdlib only: fine in the Flower venv)
 
 
 def load_crowdfl_aggregation() -> ModuleType:
@@ -244,25 +249,26 @@ def describe_threads() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1000, help="number of updates")
-    parser.add_argument("--params", type=int, default=100_000, help="parameters per update")
-    parser.add_argument("--beta", type=float, default=0.1, help="trimmed-mean cut per end")
-    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs")
+    parser = argparse.ArgumentParser(prog="bench/aggregation.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="number of updates (count)")
+    parser.add_argument("--params", type=int, default=100_000, help="float32 parameters per update (count)")
+    parser.add_argument("--beta", type=float, default=0.1, help="trimmed-mean cut per end (fraction of n)")
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs (count)")
     parser.add_argument(
         "--krum-small-n",
         type=int,
         default=200,
-        help="n at which Flower's quadratic Krum is measured first",
+        help="n at which Flower's quadratic Krum is measured first (count)",
     )
     parser.add_argument(
         "--flower-krum-budget",
         type=float,
         default=150.0,
-        help="run Flower's Krum at full n only if estimated below (s)",
+        help="run Flower's Krum at full n only if estimated below this (seconds)",
     )
-    parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--quick", action="store_true", help="200 x 20,000, for a smoke run")
+    parser.add_argument("--seed", type=int, default=2024, help="seed of the synthetic updates")
+    parser.add_argument("--quick", action="store_true", help="200 x 20,000, best of 1, for a smoke run; writes aggregation.quick.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.params, args.krum_small_n, args.repeat = 200, 20_000, 50, 1
@@ -280,6 +286,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     describe_threads()
     rows = run(args)
     print_table(rows, version)
+    figures = {
+        "n": args.n, "params": args.params, "seed": args.seed, "repeat": args.repeat, "flwr": version,
+        "rows": [
+            {"rule": r.rule, "n": r.n, "crowdfl_s": r.ours, "flower_s": r.flower, "max_abs_diff": r.diff, "note": r.note}
+            for r in rows
+        ],
+    }
+    print(f"figures: {write_result('aggregation', figures, quick=args.quick)}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/ingest.py                    # 4,000 batches of 128 samples, ~1 min
     .venv/bin/python bench/ingest.py --messages 1000    # quicker
+    .venv/bin/python bench/ingest.py --quick            # proves the script runs (CI), seconds
+
+Figures go to bench/results/ingest.json (bench/results_io.py; ``ingest.quick.json`` for --quick).
 
 Ingest: the same N signed and encrypted FeatureBatch envelopes (one payload size) are queued on a
 real mosquitto (started here, debug logging off, plain listener with passwords and ACLs) for a
@@ -47,6 +50,7 @@ from crowdfl.envelope import seal  # noqa: E402
 from crowdfl.identity import Identity, short_id  # noqa: E402
 from crowdfl.messages import CODEC, FeatureBatch, ModelWeights, RoundStart, sha256_hex  # noqa: E402
 from crowdfl.mqtt import Incoming, MqttLink, MqttSettings, feature_topic  # noqa: E402
+from bench.results_io import write_result  # noqa: E402
 from tests.helpers import make_spec  # noqa: E402
 from tests.support.mosquitto import MosquittoBroker, running_mosquitto  # noqa: E402
 
@@ -232,16 +236,24 @@ def training(rounds: int, customers: int, samples: int, workdir: Path) -> tuple[
     return edge_times, bare_times
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--messages", type=int, default=4000)
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/ingest.py", description=__doc__, formatter_class=_Help)
+    p.add_argument("--messages", type=int, default=4000, help="FeatureBatch envelopes queued per timed run (count)")
     p.add_argument("--samples", type=int, default=128, help="samples per FeatureBatch (the demo's samples_per_round)")
-    p.add_argument("--devices", type=int, default=40)
-    p.add_argument("--rounds", type=int, default=3, help="training rounds to time")
-    p.add_argument("--customers", type=int, default=5, help="customers trained per round")
+    p.add_argument("--devices", type=int, default=40, help="devices publishing the envelopes (count)")
+    p.add_argument("--rounds", type=int, default=3, help="training rounds to time (count)")
+    p.add_argument("--customers", type=int, default=5, help="customers trained per round (count)")
     p.add_argument("--workers", default="0,1", help="ingest worker processes to try, comma-separated (0: inline)")
-    p.add_argument("--no-train", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--no-train", action="store_true", help="skip the training timings")
+    p.add_argument("--quick", action="store_true",
+                   help="400 envelopes from 8 devices, inline only, 1 round of 2 customers; writes ingest.quick.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.messages, args.devices, args.workers, args.rounds, args.customers = 400, 8, "0", 1, 2
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -268,6 +280,13 @@ def main() -> int:
                 results.append((w, *edge_rate(broker, edge, devices, msgs, spec, work, w)))
                 raws.append(raw_rate(broker, short_id(edge.node_id), topic, devices, msgs))
             raw = statistics.median(raws)
+            figures: dict[str, object] = {
+                "messages": args.messages, "samples_per_batch": args.samples, "devices": args.devices, "payload_bytes": size,
+                "raw_rates_msg_s": raws, "raw_median_msg_s": raw,
+                "edge": {str(w): {"msg_s": ours, "ratio": ours / raw, "stats": stats} for w, ours, stats in results},
+                "best_edge_msg_s": max(ours for _, ours, _ in results),
+                "best_ratio": max(ours for _, ours, _ in results) / raw,
+            }
             print(f"  raw paho subscriber                 {raw:8.0f} msg/s  (median of {', '.join(f'{r:.0f}' for r in raws)})")
             for w, ours, stats in results:
                 print(f"  crowdfl edge ingest, {w} workers     {ours:8.0f} msg/s  ratio {ours / raw:.3f} (target >= 0.5); {stats}")
@@ -279,6 +298,12 @@ def main() -> int:
                     f"    round {r}: edge train_job median {statistics.median(er):.3f}s (max {max(er):.3f}s), "
                     f"bare Keras fit median {statistics.median(br):.3f}s, ratio {statistics.median(er) / statistics.median(br):.2f}"
                 )
+            figures["training"] = {
+                "rounds": args.rounds, "customers": args.customers, "samples_per_customer_round": 128,
+                "edge_train_job_s": e, "bare_keras_fit_s": b,
+                "median_ratio_per_round": [statistics.median(er) / statistics.median(br) for er, br in zip(e, b)],
+            }
+    print(f"  figures: {write_result('ingest', figures, quick=args.quick)}")
     return 0
 
 
