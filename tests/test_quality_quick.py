@@ -79,7 +79,12 @@ def test_multi_krum_beats_fedavg_under_scaling(quick: tuple[dict, Path]) -> None
     assert kept[-1] == 0  # Multi-Krum drops the scaled updates
 
 
-def test_inference_attack_is_measured(quick: tuple[dict, Path]) -> None:  # type: ignore[type-arg]
+def test_inference_attack_reads_the_clear_label_more_than_the_noisy_features(quick: tuple[dict, Path]) -> None:  # type: ignore[type-arg]
+    """What docs/quality.md says of the attribute-inference attack at epsilon 4: a label sent in
+    clear gives the home's consumption level away (R² well above 0), the noisy features leak less
+    than the label but not nothing, and together they tell at least what the label tells."""
     (row,) = quick[0]["inference"]
-    assert -1.0 <= row["r2_features"] <= 1.0 and 0.0 <= row["auc_dishwasher"] <= 1.0
-    assert row["r2_both"] >= row["r2_label"] - NOISE  # features add to what the label already says
+    assert row["epsilon"] == "4" and row["victims"] == quick[0]["plan"]["victim_homes"]
+    assert row["r2_label"] > 0.1
+    assert 0.0 < row["r2_features"] < row["r2_label"]
+    assert row["r2_both"] >= row["r2_label"] - NOISE
