@@ -179,13 +179,13 @@ def run(cfg: AgentConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crowdfl-agent", description="The crowdfl device agent.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default: INFO)")
     sub = p.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="run the agent (as the systemd service does)")
     status_cmd = sub.add_parser("status", help="usage log, privacy budget spent, spool")
     provision_cmd = sub.add_parser("provision", help="generate the keys on first boot and print what the manufacturer registers")
     imp = sub.add_parser("import", help="import usage reports from a CSV (.csv) or JSON-lines file")
-    imp.add_argument("file", type=Path)
+    imp.add_argument("file", type=Path, help="usage reports: .csv (device_id,kind,ts,power_w,energy_total_kwh,on) or .jsonl, one report per line")
     add_config_option(p, [run_cmd, status_cmd, provision_cmd, imp], "TOML file (CROWDFL_AGENT__* variables override it)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)

@@ -36,6 +36,7 @@ def stop_on_signals() -> threading.Event:
 def add_config_option(parser: argparse.ArgumentParser, subparsers: list[argparse.ArgumentParser], help_text: str) -> None:
     """``--config`` before or after the subcommand; ``$CROWDFL_CONFIG`` (set by the units) is the default."""
     env = os.environ.get("CROWDFL_CONFIG")
+    help_text += f" (default: $CROWDFL_CONFIG, now {env!r}; unset: the built-in defaults)" if env else " (default: $CROWDFL_CONFIG; unset: the built-in defaults)"
     parser.add_argument("--config", type=Path, default=Path(env) if env else None, help=help_text)
     for sub in subparsers:
         sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=help_text)

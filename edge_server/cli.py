@@ -66,14 +66,14 @@ def run(cfg: EdgeConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crowdfl-edge", description="The crowdfl MEC edge server.")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default: INFO)")
     sub = p.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="ingest features, train, submit (as the systemd service does)")
     provision_cmd = sub.add_parser("provision", help="generate the keys and print what the manufacturer registers")
     status_cmd = sub.add_parser("status", help="what is stored and what was rejected, by reason")
     reg = sub.add_parser("register-device", help="accept feature batches from a device")
-    reg.add_argument("node_id")
-    reg.add_argument("enc_key")
+    reg.add_argument("node_id", help="the device's node id: its Ed25519 public key, 64 hex characters")
+    reg.add_argument("enc_key", help="the device's X25519 public key, 64 hex characters")
     add_config_option(p, [run_cmd, provision_cmd, status_cmd, reg], "TOML file (CROWDFL_EDGE__* variables override it)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
