@@ -103,6 +103,16 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
         assert plotted == pytest.approx(sorted(r["accuracy"] for r in rounds), abs=1e-9)  # type: ignore[index,union-attr]
         driver.save_screenshot(str(ARTIFACTS / "manufacturer-done.png"))
 
+        # rewards read in ETH, the exact wei on hover, and both agree with the API
+        rewards = {c["customer"][:12]: int(c["reward_wei"]) for c in _get(f"{api}/api/v1/tasks/{task_id}/rewards")["customers"]}  # type: ignore[index]
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rewards-table tbody span.eth")) == len(rewards))
+        for row in driver.find_elements(By.CSS_SELECTOR, "#rewards-table tbody tr"):
+            amount = row.find_element(By.CSS_SELECTOR, "span.eth")
+            wei = rewards[row.find_element(By.CSS_SELECTOR, "td.hash").text.rstrip("…")]
+            assert amount.get_attribute("title") == f"{wei} wei"
+            assert amount.text.endswith(" ETH") and "e+" not in amount.text
+            assert float(amount.text.split()[0].lstrip("<")) == pytest.approx(wei / 1e18, abs=1e-6)
+
         # verify action: succeeds on the real store
         driver.find_element(By.ID, "verify-button").click()
         wait.until(lambda d: "verifying" not in d.find_element(By.ID, "verify-result").text)
@@ -115,6 +125,7 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#contributions-table tbody tr")) == 3)
         # 64 fresh samples a round, each released once: 192, not the 64 + 128 + 192 the edge trained on
         assert "192 samples used at epsilon 4.00" in driver.find_element(By.ID, "budget-table").text
+        assert driver.find_element(By.CSS_SELECTOR, "#summary span.eth").get_attribute("title").endswith(" wei")
         for button in driver.find_elements(By.CSS_SELECTOR, "button.proof-button"):
             button.click()
         wait.until(lambda d: all(c.text.startswith(("yes", "NO", "cannot")) for c in d.find_elements(By.CSS_SELECTOR, "td.proof-result")))

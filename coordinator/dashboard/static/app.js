@@ -35,6 +35,22 @@ function el(tag, attrs = {}, ...children) {
 function short(h, n = 12) { return h ? `${h.slice(0, n)}…` : "—"; }
 function fmt(x, d = 3) { return x === null || x === undefined || Number.isNaN(x) ? "—" : Number(x).toFixed(d); }
 
+// ---- amounts: shown in ETH, the exact wei on hover ---------------------------------------------
+// Exact with BigInt (wei exceed 2^53); cut, never rounded up, to `decimals` places, so the page
+// never shows more than is owed. The API sends wei as integers or decimal strings.
+function weiToEth(wei, decimals = 6) {
+  let w;
+  try { w = BigInt(typeof wei === "number" ? (Number.isSafeInteger(wei) ? wei : Math.trunc(wei).toLocaleString("fullwide", { useGrouping: false })) : String(wei ?? 0)); } catch { return "—"; }
+  const neg = w < 0n; if (neg) w = -w;
+  const unit = 10n ** 18n;
+  const frac = (w % unit).toString().padStart(18, "0").slice(0, decimals).replace(/0+$/, "");
+  const text = `${w / unit}${frac ? "." + frac : ""}`;
+  return `${neg ? "-" : ""}${text === "0" && w > 0n ? "<0." + "0".repeat(decimals - 1) + "1" : text}`;
+}
+function ethAmount(wei, attrs = {}) {
+  return el("span", { ...attrs, class: `eth ${attrs.class || ""}`.trim(), title: `${String(wei ?? 0)} wei` }, `${weiToEth(wei)} ETH`);
+}
+
 // ---- a small SVG line chart: one <circle class="point"> per data point -------------------------
 function lineChart(svg, series, { yMin = 0, yMax = 1, xLabel = "round", yLabel = "" } = {}) {
   const NS = "http://www.w3.org/2000/svg";
@@ -91,4 +107,5 @@ async function verifyMerkleProof(leafHex, proofHex, rootHex) {
   return bytesToHex(node) === rootHex;
 }
 
-window.crowdfl = { API, getJSON, el, short, fmt, lineChart, verifyMerkleProof, POLL_MS, COLORS };
+if (typeof window !== "undefined") window.crowdfl = { API, getJSON, el, short, fmt, weiToEth, ethAmount, lineChart, verifyMerkleProof, POLL_MS, COLORS };
+if (typeof module !== "undefined") module.exports = { weiToEth };  // the unit test runs it under node

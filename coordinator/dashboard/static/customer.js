@@ -1,6 +1,6 @@
 "use strict";
 (() => {
-  const { API, getJSON, el, short, fmt, lineChart, verifyMerkleProof } = window.crowdfl;
+  const { API, getJSON, el, short, fmt, ethAmount, lineChart, verifyMerkleProof } = window.crowdfl;
 
   async function checkProof(c, cell) {
     cell.textContent = "checking…";
@@ -23,7 +23,7 @@
     try {
       const c = await getJSON(API.customer(key));
       summary.className = "";
-      summary.textContent = `reputation ${fmt(c.reputation)} · ${c.contributions.length} contributions · rewards ${c.rewards_wei} wei`;
+      summary.replaceChildren(`reputation ${fmt(c.reputation)} · ${c.contributions.length} contributions · rewards `, ethAmount(c.rewards_wei));
       lineChart(document.getElementById("customer-reputation-chart"), [{ name: "you", points: c.reputation_history.map((p) => ({ x: p.round, y: p.reputation })) }], { yLabel: "reputation" });
       document.querySelector("#budget-table tbody").replaceChildren(...c.budget.map((b) => el("tr", {},
         el("td", { class: "hash" }, short(b.task_id)), el("td", {}, `${b.samples} samples used at epsilon ${fmt(b.epsilon, 2)} each`))));
@@ -32,7 +32,7 @@
         const btn = el("button", { class: "proof-button", onclick: () => checkProof(u, cell) }, "check proof");
         cell.append(btn);
         return el("tr", {}, el("td", { class: "hash" }, short(u.task_id)), el("td", {}, String(u.round)), el("td", { class: "num" }, String(u.num_samples)),
-          el("td", { class: u.status === "rejected" ? "bad" : "ok" }, u.status), el("td", {}, u.reason || ""), el("td", { class: "num" }, String(u.reward_wei ?? 0)), cell);
+          el("td", { class: u.status === "rejected" ? "bad" : "ok" }, u.status), el("td", {}, u.reason || ""), el("td", { class: "num" }, ethAmount(u.reward_wei ?? 0)), cell);
       });
       document.querySelector("#contributions-table tbody").replaceChildren(...rows);
       document.getElementById("live").textContent = new Date().toLocaleTimeString();

@@ -1,6 +1,6 @@
 "use strict";
 (() => {
-  const { API, getJSON, el, short, fmt, lineChart, POLL_MS } = window.crowdfl;
+  const { API, getJSON, el, short, fmt, ethAmount, lineChart, POLL_MS } = window.crowdfl;
   let taskId = new URLSearchParams(location.search).get("task");
   let selectedRound = null;
   let latestModel = null;
@@ -50,7 +50,7 @@
     lineChart(document.getElementById("reputation-chart"), series, { yLabel: "reputation" });
     const rewards = await getJSON(API.rewards(taskId));
     document.querySelector("#rewards-table tbody").replaceChildren(...(rewards.customers || []).map((c) => el("tr", {},
-      el("td", { class: "hash" }, short(c.customer)), el("td", { class: "num" }, fmt(c.reputation)), el("td", { class: "num" }, String(c.reward_wei)))));
+      el("td", { class: "hash" }, short(c.customer)), el("td", { class: "num" }, fmt(c.reputation)), el("td", { class: "num" }, ethAmount(c.reward_wei)))));
   }
 
   document.getElementById("verify-button").addEventListener("click", async () => {
