@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-
 from crowdfl.envelope import _HEADER, ENV_MAGIC, ENV_VERSION, FLAG_ENCRYPTED, fingerprint, open_envelope, seal
 from crowdfl.identity import Identity, PublicIdentity
 from tests.support.realparts import require_module
