@@ -13,7 +13,9 @@ def test_agent_imports_no_tensorflow() -> None:
         "import agent.cli, agent.service, agent.sources, crowdfl.front; import sys; "
         'assert "tensorflow" not in sys.modules; '
         'bad = sorted(m for m in ("tensorflow", "keras", "web3", "flask", "sqlalchemy") if m in sys.modules); '
-        "assert not bad, bad"
+        "assert not bad, bad; "
+        'assert "crowdfl.household" not in sys.modules, "the agent loads the household generator at import"; '
+        'assert "crowdfl_sim" not in sys.modules'
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
