@@ -1,0 +1,128 @@
+"""Every figure the README quotes comes from a committed bench result.
+
+The README's "Measured" table (the demo's wall time and memory among its rows) and the ingest limit quoted under
+"Status and known limits" are rebuilt here from bench/results/<name>.json (written by
+bench/results_io.py) and compared with the text. A row without a committed, full (not --quick)
+result fails; so does a figure that drifted from its result. When a bench is rerun, paste the
+expected text this test prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS = ROOT / "bench" / "results"
+
+
+def result(name: str) -> dict[str, Any]:
+    path = RESULTS / f"{name}.json"
+    assert path.exists(), f"no committed result {path.relative_to(ROOT)}: run the bench fully and commit it"
+    record = json.loads(path.read_text())
+    assert record["quick"] is False, f"{path.name} is from a --quick run"
+    for key in ("command", "date", "machine", "versions", "figures"):
+        assert record.get(key), f"{path.name} lacks {key}"
+    return record
+
+
+def _row(rows: list[dict[str, Any]], rule: str, n: int) -> dict[str, Any]:
+    return next(r for r in rows if r["rule"].startswith(rule) and r["n"] == n)
+
+
+def ingest_figure() -> str:
+    f = result("ingest")["figures"]
+    return (f"{f['best_edge_msg_s']:,.0f} vs {f['raw_median_msg_s']:,.0f} msg/s of {f['samples_per_batch']} samples each "
+            f"({f['best_ratio']:.2f})")
+
+
+def aggregation_figure() -> str:
+    f = result("aggregation")["figures"]
+    n = f["n"]
+
+    def pair(rule: str, digits: int) -> str:
+        r = _row(f["rows"], rule, n)
+        theirs = f"{r['flower_s']:.{digits}f} s" if r["flower_s"] is not None else "not run (over the time budget)"
+        return f"{r['crowdfl_s']:.{digits}f} s vs {theirs}"
+
+    krum = _row(f["rows"], "multi_krum", n)
+    if krum["flower_s"] is None:  # Flower's quadratic Krum was only timed at the smaller n
+        small = next(r for r in f["rows"] if r["rule"].startswith("multi_krum") and r["n"] < n)
+        estimate = re.search(r"Flower estimated (\d+)s", krum["note"])
+        assert estimate, krum["note"]
+        krum_text = (f"{krum['crowdfl_s']:.1f} s vs an estimated {estimate.group(1)} s "
+                     f"(at n = {small['n']}: {small['crowdfl_s']:.2f} vs {small['flower_s']:.2f} s)")
+    else:
+        krum_text = pair("multi_krum", 1)
+    return f"Multi-Krum {krum_text}; median {pair('coordinate_median', 2)}; FedAvg {pair('fedavg', 2)}"
+
+
+def demo_figure() -> str:
+    f = result("demo")["figures"]
+    wall, rss, base = f["wall_s"], f["peak_rss_mb"], f["baseline_tensorflow_import"]
+    seeds = ", ".join(str(s) for s in f["seeds"])
+    return (f"{wall['mean']:.0f} s wall ({wall['min']:.0f}–{wall['max']:.0f} s over seeds {seeds}), "
+            f"{rss['mean'] / 1024:.2f} GB peak RSS, TensorFlow included; a process that only imports "
+            f"TensorFlow: {base['wall_s']:.0f} s, {base['peak_rss_mb'] / 1024:.2f} GB")
+
+
+# README "Measured" row (the start of its first cell) -> (bench result, the figure cell rebuilt from it)
+TABLE: dict[str, tuple[str, Callable[[], str]]] = {
+    "edge ingest": ("ingest", ingest_figure),
+    "aggregation,": ("aggregation", aggregation_figure),
+    "`crowdfl demo`": ("demo", demo_figure),
+}
+# figure cells that are only a link to a report generated from a committed result
+LINKED_REPORTS = {"docs/quality.md": RESULTS / "quality" / "results.json"}
+
+
+def measured_rows() -> list[tuple[str, str, str]]:
+    text = README.read_text()
+    section = text.split("\n## Measured\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("what", "---"):
+            rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+def flat_readme() -> str:
+    return re.sub(r"\s+", " ", README.read_text())
+
+
+def test_the_measured_table_is_found() -> None:
+    assert len(measured_rows()) >= 3
+
+
+@pytest.mark.parametrize("row", measured_rows(), ids=lambda r: r[0][:30])
+def test_every_measured_row_matches_its_committed_result(row: tuple[str, str, str]) -> None:
+    what, command, figure = row
+    link = re.fullmatch(r"\[[^\]]*\]\(([^)]+)\)", figure)
+    if link:
+        assert link.group(1) in LINKED_REPORTS, f"{what}: links {link.group(1)}, not a report generated from a result"
+        assert (ROOT / link.group(1)).exists() and LINKED_REPORTS[link.group(1)].exists()
+        return
+    key = next((k for k in TABLE if what.startswith(k)), None)
+    assert key is not None, f"README row {what!r} quotes {figure!r} with no committed bench result behind it"
+    name, expected = TABLE[key]
+    script = f"bench/{name}.py"
+    assert script in command and script in result(name)["command"], (command, result(name)["command"])
+    assert figure == expected(), f"README says {figure!r}; bench/results/{name}.json says {expected()!r}"
+
+
+def test_the_demo_paragraph_points_to_the_table() -> None:
+    """The demo's timing is quoted once, in the table, not as a second, unchecked number."""
+    assert "the demo row of Measured gives its wall time and peak memory" in flat_readme()
+
+
+def test_the_ingest_limit_matches_the_ingest_bench() -> None:
+    edge = result("ingest")["figures"]["edge"]
+    text = f"Edge ingest reaches {edge['1']['ratio']:.2f} of the raw broker rate (with one worker process; {edge['0']['ratio']:.2f} inline)"
+    assert text in flat_readme(), f"the README's known limits should say: {text}"
