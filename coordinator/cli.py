@@ -15,6 +15,7 @@ from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
 from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
+from crowdfl.serving import HttpLimits
 
 from .reputation import ReputationConfig
 
@@ -47,6 +48,8 @@ class CoordinatorConfig:
     admin_token: str = ""
     max_participants: int = 0  # customers per round; 0: every eligible one
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    # the API's waitress limits: body (chunked too; 413), headers (431), idle connections, threads
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
     @property
     def key_file(self) -> Path:
@@ -119,7 +122,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     coord.republish()
     if not cfg.admin_token:
         log.warning("admin_token is not set: the admin API (participants, tasks) refuses every request")
-    api = ApiServer(create_app(coord, cfg.admin_token), cfg.api_host, cfg.api_port)
+    api = ApiServer(create_app(coord, cfg.admin_token), cfg.api_host, cfg.api_port, cfg.http_limits)
     api.start()
     log.info("coordinator %s serving on %s", short_id(ident.node_id), api.url)
     stop = stop_on_signals()

@@ -168,7 +168,7 @@ def test_openapi_documents_every_route(setup: tuple[World, FlaskClient]) -> None
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/api/"):
             continue  # the dashboard's pages and the root redirect
-        path = re.sub(r"<(?:int:)?([a-z_]+)>", lambda m: "{" + m.group(1).rstrip("_") + "}", rule.rule)
+        path = re.sub(r"<(?:int(?:\([^)]*\))?:)?([a-z_]+)>", lambda m: "{" + m.group(1).rstrip("_") + "}", rule.rule)
         assert path in doc["paths"], path
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert method.lower() in doc["paths"][path], (path, method)
