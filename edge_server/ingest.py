@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
@@ -40,6 +41,10 @@ NOISE_BOUND_SCALES = 60.0
 # (device, seq) is stored in a BIGINT (signed in SQLite and PostgreSQL); a larger seq would fail
 # the whole drain's transaction, so it is a rejection instead
 MAX_SEQ = 2**63
+# An unknown sender is looked up by its key (one indexed read), then remembered as unknown for a
+# while, so a flood of messages from unregistered keys costs neither a table reload nor a query each.
+UNKNOWN_SENDER_TTL_S = 10.0
+MAX_UNKNOWN_SENDERS = 100_000
 
 
 @dataclass
@@ -131,6 +136,7 @@ class Ingestor:
         self.short = short_id(identity.node_id)
         self.stats = IngestStats()
         self._devices: dict[str, PublicIdentity] = {}
+        self._unknown: dict[str, float] = {}  # sender -> monotonic time it was found unregistered
         self._pool: Executor | None = None
 
     def close(self) -> None:
@@ -143,6 +149,26 @@ class Ingestor:
         self._devices = {
             nid: PublicIdentity(bytes.fromhex(nid), bytes.fromhex(enc)) for nid, enc in self.store.active_devices().items()
         }
+        self._unknown.clear()
+
+    def _sender(self, node_id: str) -> PublicIdentity | None:
+        """A registered device's keys: from memory, else one indexed read (never a table reload)."""
+        sender = self._devices.get(node_id)
+        if sender is not None:
+            return sender
+        now = time.monotonic()
+        seen = self._unknown.get(node_id)
+        if seen is not None and now - seen < UNKNOWN_SENDER_TTL_S:
+            return None
+        enc = self.store.active_device(node_id)
+        if enc is None:
+            if len(self._unknown) >= MAX_UNKNOWN_SENDERS:
+                self._unknown.clear()
+            self._unknown[node_id] = now
+            return None
+        self._unknown.pop(node_id, None)
+        sender = self._devices[node_id] = PublicIdentity(bytes.fromhex(node_id), bytes.fromhex(enc))
+        return sender
 
     def _open(self, items: list[tuple[Sealed, PublicIdentity]]) -> Callable[[int], Opened]:
         """Start opening ``items``; returns a getter that waits only for the chunk it needs.
@@ -256,10 +282,7 @@ class Ingestor:
             raise WireError("bad_seq", f"seq {sealed.seq} does not fit a signed 64-bit database column")
         if short_id(sealed.sender_id) != parts[4]:
             raise WireError("topic_mismatch", "sender key does not match the topic's device")
-        sender = self._devices.get(sealed.sender_id)
-        if sender is None:
-            self.refresh_devices()
-            sender = self._devices.get(sealed.sender_id)
+        sender = self._sender(sealed.sender_id)
         if sender is None:
             raise WireError("unknown_sender", f"device {sealed.sender_id[:16]} is not registered with this edge")
         if not sealed.encrypted:

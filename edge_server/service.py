@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ class EdgeStats:
     submit_rejected: int = 0
     submit_retries: int = 0
     rescheduled: int = 0  # jobs re-created from the database (restart, failed job, lost queue)
+    control_rejected: Counter[str] = field(default_factory=Counter)  # refused task/round messages, by reason
     train_seconds: float = 0.0
     train_time: Histogram = field(default_factory=lambda: Histogram(TRAIN_BUCKETS))
 
@@ -151,6 +153,7 @@ class EdgeServer:
                     self.tasks[spec.task_id] = spec
                     self._schedule_round(spec.task_id)
         except CrowdflError as exc:
+            self.stats.control_rejected[exc.code] += 1
             log.warning("rejected control message on %s: %s", m.topic, exc)
 
     def restore(self) -> None:
@@ -245,6 +248,9 @@ class EdgeServer:
                 else:
                     self.stats.submitted += 1
                     self.stats.submit_duplicates += int(res.status == "duplicate")
+            elif res.reached:  # refused for now (e.g. this edge not registered yet): the next one may pass
+                self.stats.submit_retries += 1
+                log.warning("coordinator refused update %d for now (%s); it stays queued", update_id, res.detail)
             else:
                 self.stats.submit_retries += 1
                 log.info("coordinator unreachable (%s); update %d stays queued", res.detail, update_id)
