@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 from collections import Counter
 from collections.abc import Callable
 from functools import wraps
@@ -29,6 +28,7 @@ from crowdfl.metrics import CONTENT_TYPE
 from crowdfl.serving import BackgroundHttpServer, HttpLimits
 
 from .audit import audit_model
+from .audit_queue import AuditQueue, QueueFull
 from .chain import ChainError
 from .dashboard import dashboard_blueprint, root_redirect
 from .metrics import render_coordinator_metrics
@@ -131,7 +131,6 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
     """``admin_token`` empty: the admin actions are refused (401) for everyone."""
     app = Flask("crowdfl.coordinator")
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPDATE_BYTES
-    audit_lock = threading.Lock()
     app.register_blueprint(dashboard_blueprint())
     app.add_url_rule("/", "root", root_redirect)
 
@@ -263,14 +262,34 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
             return error("not_found", "no device with this key", 404)
         return jsonify(found)
 
+    def run_audit(model_hash: str) -> dict[str, Any]:
+        report = audit_model(coord.contracts, coord.store, model_hash)
+        return {"task_id": report.task_id, "round": report.round, "ok": report.ok, "lines": report.lines(),
+                "problems": report.problems + [p for r in report.rounds for p in r.problems]}
+
+    audits = AuditQueue(run_audit)
+    app.extensions["crowdfl_audits"] = audits
+
     @app.post("/api/v1/models/<model_hash>/verify")
     def verify_model(model_hash: str) -> Any:
-        """The audit, from the chain and the store only (not the database); one at a time, it re-runs every round."""
+        """Queue the audit (from the chain and the store only, not the database); fetch the result from result_url."""
         _hex32(model_hash, "model hash")
-        with audit_lock:
-            report = audit_model(coord.contracts, coord.store, model_hash)
-        return jsonify({"model_hash": model_hash, "task_id": report.task_id, "round": report.round, "ok": report.ok,
-                        "lines": report.lines(), "problems": report.problems + [p for r in report.rounds for p in r.problems]})
+        try:
+            job = audits.submit(model_hash)
+        except QueueFull as exc:
+            resp, status = error("too_many_requests", str(exc), 429)
+            resp.headers["Retry-After"] = "10"
+            return resp, status
+        return jsonify({**job.view(), "result_url": f"/api/v1/audits/{job.job_id}"}), 202
+
+    @app.get("/api/v1/audits/<job_id>")
+    def audit_result(job_id: str) -> Any:
+        if len(job_id) != 32 or not set(job_id) <= _HEX:
+            raise BadRequest("job id must be 32 lowercase hex characters")
+        job = audits.get(job_id)
+        if job is None:
+            return error("not_found", "no such audit job (results are kept for the last 256 audits)", 404)
+        return jsonify(job.view())
 
     @app.get("/api/v1/tasks/<task_id>/rewards")
     def rewards(task_id: str) -> Any:

@@ -192,3 +192,94 @@ def test_content_store_fsyncs_the_folder_after_the_rename(tmp_path: Path, monkey
     store.put(b"other bytes" * 3)
     assert "dir" in synced[synced.index("file"):]
     assert store.get(address) == b"model bytes"
+
+
+def test_chain_reads_do_not_race_the_anchoring_sends() -> None:
+    """Before: the audit's reads interleaved with anchoring's sends on the in-process chain, and
+    either side failed now and then ("Invalid transaction nonce", or the request answered 500)."""
+    import threading
+    import time
+
+    from coordinator.chain import ChainConfig, connect
+
+    client = connect(ChainConfig(kind="embedded"))
+    crowd = CrowdContracts.deploy(client)
+    tid = os.urandom(32)
+    crowd.create_task(tid, os.urandom(32), 100, 1.0, int(time.time()) + 3600, reward_wei=0)
+    errors: list[str] = []
+    reads = 0
+    stop = threading.Event()
+
+    def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            try:
+                crowd.anchors(tid)
+                client.block_number()
+                crowd.task(tid)
+                reads += 1
+            except Exception as exc:  # noqa: BLE001  (any failure is the defect)
+                errors.append(f"read: {exc!r}"[:200])
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        for rnd in range(1, 41):
+            try:
+                crowd.anchor_round(tid, rnd, os.urandom(32), os.urandom(32), os.urandom(32), 3, rnd)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"send: {exc!r}"[:200])
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert not errors, errors[:3]
+    assert reads > 0 and len(crowd.anchors(tid)) == 40
+
+
+def test_the_audit_is_a_queued_rate_limited_job() -> None:
+    """Before: the audit ran inside the request, one at a time behind a lock (20 callers: 0.6-16 s each)."""
+    import threading
+
+    from coordinator.audit_queue import AuditQueue, QueueFull
+
+    release = threading.Event()
+    ran: list[str] = []
+
+    def slow_audit(model_hash: str) -> dict[str, object]:
+        release.wait(60)
+        ran.append(model_hash)
+        return {"ok": model_hash.startswith("aa"), "lines": [model_hash], "problems": []}
+
+    q = AuditQueue(slow_audit, max_pending=4)
+    first = q.submit("aa" * 32)
+    assert q.submit("aa" * 32).job_id == first.job_id  # the same model is not queued twice
+    others = []
+    refused = 0
+    for i in range(10):
+        try:
+            others.append(q.submit(f"{i:02x}" * 32))
+        except QueueFull:
+            refused += 1
+    assert len(others) + 1 <= 5 and refused >= 5  # at most max_pending wait (one may already run)
+    assert q.get(first.job_id).status in ("queued", "running")
+    release.set()
+    done = q.wait(first.job_id, 60)
+    assert done is not None and done.status == "done" and done.result == {"ok": True, "lines": ["aa" * 32], "problems": []}
+    for job in others:
+        finished = q.wait(job.job_id, 60)
+        assert finished is not None and finished.status == "done" and finished.result["ok"] is False
+    assert sorted(ran) == sorted(["aa" * 32] + [j.model_hash for j in others])  # each ran once
+
+
+def test_verify_route_queues_and_result_route_answers(world: World, client: FlaskClient) -> None:
+    r = client.post(f"/api/v1/models/{'00' * 32}/verify")
+    assert r.status_code == 202 and r.json["status"] in ("queued", "running", "done")
+    audits = client.application.extensions["crowdfl_audits"]
+    audits.wait(r.json["job_id"], 60)
+    body = client.get(r.json["result_url"]).json
+    assert body["status"] == "done" and body["ok"] is False and body["problems"]
+    assert client.get(f"/api/v1/audits/{'ab' * 16}").status_code == 404
+    assert client.get("/api/v1/audits/../../etc").status_code in (400, 404)
+    assert client.get("/api/v1/audits/XYZ").status_code == 400
