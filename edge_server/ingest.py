@@ -59,11 +59,19 @@ class IngestStats:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
+# Refusals that resending cannot change, of envelopes whose signature verified (so the device
+# itself sent them): answered with a Nack so the device stops resending. A refusal before the
+# signature is checked is never answered (anyone could have sent it), nor one that may pass later
+# (unknown_task: the task's spec has not reached this edge yet).
+TRANSIENT_REJECTIONS = frozenset({"unknown_task", "bad_signature"})
+
+
 @dataclass(frozen=True)
 class Drained:
     accepted: list[AcceptedBatch]
     acks: dict[str, list[int]]  # device node id -> seqs to acknowledge
     rejections: list[tuple[str, str, str]]  # (reason, detail, topic)
+    nacks: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # device -> (seq, reason) refused for good
 
 
 def validate_batch(batch: FeatureBatch, spec: TaskSpec) -> None:
@@ -212,6 +220,7 @@ class Ingestor:
         admitted: list[tuple[Incoming, Sealed, PublicIdentity]] = []
         rejections: list[tuple[str, str, str]] = []
         acks: dict[str, list[int]] = {}
+        nacks: dict[str, list[tuple[int, str]]] = {}
         for m in msgs:
             try:
                 admitted.append((m, *self._admit(m)))
@@ -253,6 +262,8 @@ class Ingestor:
                     raise WireError("sample_reuse", "a sample id was already received from this device")
             except WireError as exc:
                 rejections.append((exc.code, exc.detail, m.topic))
+                if exc.code not in TRANSIENT_REJECTIONS:
+                    nacks.setdefault(sealed.sender_id, []).append((sealed.seq, exc.code))
                 continue
             this_drain[key] = sealed.digest
             drain_ids.setdefault(owner, set()).update(ids)
@@ -268,7 +279,7 @@ class Ingestor:
         for reason, detail, topic in rejections:
             self.stats.rejected[reason] += 1
             log.warning("rejected message on %s: %s: %s", topic, reason, detail)
-        return Drained(accepted, acks, rejections)
+        return Drained(accepted, acks, rejections, nacks)
 
     def _admit(self, m: Incoming) -> tuple[Sealed, PublicIdentity]:
         """The checks that need no crypto: topic, layout, seq range, a registered, encrypting sender."""

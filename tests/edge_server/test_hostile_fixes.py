@@ -136,3 +136,22 @@ def test_refused_control_messages_are_counted(edge_db_url: str) -> None:
         assert "crowdfl_edge_control_rejected_total{reason=" in text
     finally:
         edge.store.close()
+
+
+def test_authentic_envelopes_refused_for_good_are_nacked(store: EdgeStore) -> None:
+    """Before: a permanent refusal was never answered, so the device resent it every 30 s for ever."""
+    import numpy as np
+
+    edge, dev = Identity.generate(), Identity.generate()
+    store.register_devices([(dev.node_id, dev.public.enc_key.hex())])
+    ing = Ingestor(edge, store, {SPEC.task_id: SPEC}.get)
+    good = msg(edge, dev, batch([1, 2]), 1)
+    bad_label = msg(edge, dev, batch([3], labels=np.array([99], np.int8)), 2)
+    reused = msg(edge, dev, batch([1]), 3)  # sample 1 again
+    unknown_task = msg(edge, dev, batch([4], task_id="ee" * 32), 4)  # the spec may still arrive: no answer
+    tampered = bytearray(msg(edge, dev, batch([6]), 6).payload)
+    tampered[-1] ^= 1  # the signature no longer verifies: anyone could have sent it, no answer
+    out = ing.drain([good, bad_label, reused, unknown_task, Incoming(good.topic, bytes(tampered), False)])
+    assert out.acks == {dev.node_id: [1]}
+    assert out.nacks == {dev.node_id: [(2, "bad_label"), (3, "sample_reuse")]}
+    assert sorted(r[0] for r in out.rejections) == ["bad_label", "bad_signature", "sample_reuse", "unknown_task"]
