@@ -23,6 +23,7 @@ def render_agent_metrics(agent: Agent) -> str:
     x.gauge("crowdfl_agent_spool_pending", "Envelopes waiting for the edge's acknowledgement.", len(agent.state.pending(limit=1_000_000)))
     x.gauge("crowdfl_agent_spool_bytes", "Bytes in the outgoing spool.", agent.state.spool_bytes())
     x.counter("crowdfl_agent_messages_rejected_total", "Inbound MQTT messages that failed verification.", agent.stats.rejected_messages)
+    x.counter("crowdfl_agent_envelopes_refused_total", "Envelopes the edge refused for good (Nack), dropped from the spool.", agent.stats.refused_envelopes)
     x.counter("crowdfl_agent_tasks_refused_total", "Tasks refused by the owner's privacy policy.", agent.stats.refused_tasks)
     x.gauge("crowdfl_agent_mqtt_connected", "1 while connected to the edge's broker.", 1.0 if agent.link.connected.is_set() else 0.0)
     x.gauge("crowdfl_agent_usage_reports", "Usage reports in the local log.", agent.usage_log.count())

@@ -20,7 +20,7 @@ import numpy as np
 from crowdfl.envelope import open_envelope, seal
 from crowdfl.errors import CrowdflError, PrivacyError, WireError
 from crowdfl.identity import Identity, PublicIdentity, short_id
-from crowdfl.messages import CODEC, Ack, FeatureBatch, RoundStart, TaskSpec
+from crowdfl.messages import CODEC, Ack, FeatureBatch, Nack, RoundStart, TaskSpec
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic, feature_topic
 
 from crowdfl.front import FrontModel
@@ -46,6 +46,7 @@ class AgentStats:
     samples_released: int = 0
     rejected_messages: int = 0
     refused_tasks: int = 0
+    refused_envelopes: int = 0  # refused for good by the edge (Nack) and dropped from the spool
 
 
 class Agent:
@@ -93,7 +94,13 @@ class Agent:
         try:
             if msg.topic.startswith(f"{PREFIX}/ack/"):
                 opened = open_envelope(msg.payload, lookup_sender=self._edge_only)
-                self._on_ack(CODEC.decode(opened.body, Ack))
+                answer = CODEC.decode(opened.body)
+                if isinstance(answer, Ack):
+                    self._on_ack(answer)
+                elif isinstance(answer, Nack):
+                    self._on_nack(answer)
+                else:
+                    raise WireError("malformed", f"{type(answer).__name__} on an acknowledgement topic")
             elif msg.topic.endswith("/round"):
                 opened = open_envelope(msg.payload, lookup_sender=self._coordinator_only)
                 self._on_round(CODEC.decode(opened.body, RoundStart))
@@ -175,6 +182,16 @@ class Agent:
         if ack.device != self.identity.node_id:
             raise WireError("malformed", "acknowledgement addressed to another device")
         self.uplink.acknowledged([int(s) for s in ack.seqs])
+
+    def _on_nack(self, nack: Nack) -> None:
+        """The edge refused these envelopes for good: resending cannot help, so they leave the spool
+        (their samples stay released: the privacy ledger never hands them out again)."""
+        if nack.device != self.identity.node_id or len(nack.reasons) != len(nack.seqs):
+            raise WireError("malformed", "refusal addressed to another device, or seqs and reasons differ in number")
+        seqs = [int(s) for s in nack.seqs]
+        dropped = self.uplink.acknowledged(seqs)
+        self.stats.refused_envelopes += dropped
+        log.warning("the edge refused envelope(s) %s for good (%s); dropped from the spool", seqs, ", ".join(sorted(set(nack.reasons))))
 
     # -- outbound ----------------------------------------------------------------------------
     def contribute(self, task: ActiveTask, round_: int) -> int | None:

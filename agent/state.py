@@ -61,6 +61,18 @@ class Spooled:
     attempts: int
 
 
+def first_seq() -> int:
+    """Where a new state database starts counting: the clock in microseconds.
+
+    The edge keeps (device, seq) forever and refuses a seq it has seen with other bytes. A device
+    whose state database is lost (SD card replaced, wiped) must not start at 1 again, or the edge
+    would refuse everything it sends as ``seq_reuse``, for ever. Starting from the clock puts the
+    new numbers above every old one unless more than a million envelopes a second were sent, or
+    the clock went back past the old database's creation (then the edge's rejections say so).
+    """
+    return time.time_ns() // 1000
+
+
 class AgentState:
     def __init__(self, path: Path | str, max_spool_bytes: int = 64 * 1024 * 1024) -> None:
         self.path = str(path)
@@ -122,7 +134,7 @@ class AgentState:
                 if size >= self.max_spool_bytes:
                     raise SpoolFull("spool_full", f"outgoing spool holds {size} bytes (limit {self.max_spool_bytes})")
                 row = self._db.execute("SELECT value FROM counters WHERE name = 'seq'").fetchone()
-                seq = (row[0] if row else 0) + 1
+                seq = row[0] + 1 if row else first_seq()
                 self._db.execute("INSERT OR REPLACE INTO counters VALUES ('seq', ?)", (seq,))
                 self._db.executemany(
                     "INSERT INTO released VALUES (?, ?, ?, ?, ?, ?)",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 from collections import Counter
 from collections.abc import Callable
 from functools import wraps
@@ -21,13 +20,15 @@ from flask import Flask, Response, jsonify, request
 from web3 import Web3
 from werkzeug.exceptions import HTTPException
 
-from crowdfl.errors import CrowdflError
+from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import PublicIdentity
+from crowdfl.jsonlimits import loads_limited
 from crowdfl.messages import CODEC, ModelWeights, TaskSpec, is_hex64
 from crowdfl.metrics import CONTENT_TYPE
-from crowdfl.serving import BackgroundHttpServer
+from crowdfl.serving import BackgroundHttpServer, HttpLimits
 
 from .audit import audit_model
+from .audit_queue import AuditQueue, QueueFull
 from .chain import ChainError
 from .dashboard import dashboard_blueprint, root_redirect
 from .metrics import render_coordinator_metrics
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024
 MAX_PARTICIPANTS_PER_CALL = 1000
+# rounds are BIGINT columns: a larger number in a URL matches no route (404), never reaches the database
+MAX_ROUND = 2**63 - 1
+_HEX = frozenset("0123456789abcdef")
 
 
 class BadRequest(Exception):
@@ -76,12 +80,24 @@ def _json_object(allowed: dict[str, tuple[type | tuple[type, ...], bool]], data:
     return data
 
 
+def _read_body(limit: int) -> bytes:
+    """The whole request body, at most ``limit`` bytes, else 413: with a Content-Length and without
+    one (chunked), which Flask's own limit checks only by the header."""
+    if (request.content_length or 0) > limit:
+        raise BadRequest(f"body larger than {limit} bytes", 413, "too_large")
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise BadRequest(f"body larger than {limit} bytes", 413, "too_large")
+    return data
+
+
 def _request_json() -> Any:
     if request.mimetype != "application/json":
         raise BadRequest("send a JSON body (Content-Type: application/json)", 415, "bad_content_type")
-    if (request.content_length or 0) > MAX_JSON_BYTES:
-        raise BadRequest("body too large", 413, "too_large")
-    data = request.get_json(silent=True)
+    try:
+        data = loads_limited(_read_body(MAX_JSON_BYTES), MAX_JSON_BYTES)
+    except WireError as exc:
+        raise BadRequest(exc.detail, 413 if exc.code == "too_large" else 400, exc.code) from None
     if data is None:
         raise BadRequest("the body is not valid JSON")
     return data
@@ -115,7 +131,6 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
     """``admin_token`` empty: the admin actions are refused (401) for everyone."""
     app = Flask("crowdfl.coordinator")
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPDATE_BYTES
-    audit_lock = threading.Lock()
     app.register_blueprint(dashboard_blueprint())
     app.add_url_rule("/", "root", root_redirect)
 
@@ -184,7 +199,7 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
     def updates() -> Any:
         if request.mimetype != "application/octet-stream":
             return error("bad_content_type", "send the raw envelope as application/octet-stream", 415)
-        result = coord.receive_update(request.get_data(cache=False))
+        result = coord.receive_update(_read_body(MAX_UPDATE_BYTES))
         intake[(result.status, result.detail.split(":", 1)[0] if result.status == "rejected" else "")] += 1
         body = {"status": result.status, "detail": result.detail, "update_hash": result.update_hash}
         if result.status == "rejected":
@@ -208,28 +223,28 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
     def rounds(task_id: str) -> Any:
         return jsonify(coord.rounds(task_or_404(task_id)))
 
-    @app.get("/api/v1/tasks/<task_id>/rounds/<int:round_>")
+    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>")
     def round_detail(task_id: str, round_: int) -> Any:
         detail = coord.round_detail(task_or_404(task_id), round_)
         if detail is None:
             return error("not_found", f"round {round_} has not been opened", 404)
         return jsonify(detail)
 
-    @app.get("/api/v1/tasks/<task_id>/rounds/<int:round_>/updates")
+    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/updates")
     def round_updates(task_id: str, round_: int) -> Any:
         detail = coord.round_detail(task_or_404(task_id), round_)
         if detail is None:
             return error("not_found", f"round {round_} has not been opened", 404)
         return jsonify(detail["updates"])
 
-    @app.get("/api/v1/tasks/<task_id>/rounds/<int:round_>/ledger")
+    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/ledger")
     def ledger(task_id: str, round_: int) -> Any:
         data = coord.ledger(task_or_404(task_id), round_)
         if data is None:
             return error("not_found", f"round {round_} is not closed", 404)
         return jsonify(data)
 
-    @app.get("/api/v1/tasks/<task_id>/rounds/<int:round_>/proofs/<customer>")
+    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/proofs/<customer>")
     def proof(task_id: str, round_: int, customer: str) -> Any:
         p = coord.proof(task_or_404(task_id), round_, _hex32(customer, "customer"))
         if p is None:
@@ -247,14 +262,34 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
             return error("not_found", "no device with this key", 404)
         return jsonify(found)
 
+    def run_audit(model_hash: str) -> dict[str, Any]:
+        report = audit_model(coord.contracts, coord.store, model_hash)
+        return {"task_id": report.task_id, "round": report.round, "ok": report.ok, "lines": report.lines(),
+                "problems": report.problems + [p for r in report.rounds for p in r.problems]}
+
+    audits = AuditQueue(run_audit)
+    app.extensions["crowdfl_audits"] = audits
+
     @app.post("/api/v1/models/<model_hash>/verify")
     def verify_model(model_hash: str) -> Any:
-        """The audit, from the chain and the store only (not the database); one at a time, it re-runs every round."""
+        """Queue the audit (from the chain and the store only, not the database); fetch the result from result_url."""
         _hex32(model_hash, "model hash")
-        with audit_lock:
-            report = audit_model(coord.contracts, coord.store, model_hash)
-        return jsonify({"model_hash": model_hash, "task_id": report.task_id, "round": report.round, "ok": report.ok,
-                        "lines": report.lines(), "problems": report.problems + [p for r in report.rounds for p in r.problems]})
+        try:
+            job = audits.submit(model_hash)
+        except QueueFull as exc:
+            resp, status = error("too_many_requests", str(exc), 429)
+            resp.headers["Retry-After"] = "10"
+            return resp, status
+        return jsonify({**job.view(), "result_url": f"/api/v1/audits/{job.job_id}"}), 202
+
+    @app.get("/api/v1/audits/<job_id>")
+    def audit_result(job_id: str) -> Any:
+        if len(job_id) != 32 or not set(job_id) <= _HEX:
+            raise BadRequest("job id must be 32 lowercase hex characters")
+        job = audits.get(job_id)
+        if job is None:
+            return error("not_found", "no such audit job (results are kept for the last 256 audits)", 404)
+        return jsonify(job.view())
 
     @app.get("/api/v1/tasks/<task_id>/rewards")
     def rewards(task_id: str) -> Any:
@@ -312,7 +347,7 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
     def upload() -> Any:
         if request.mimetype != "application/octet-stream":
             return error("bad_content_type", "send the artifact as application/octet-stream", 415)
-        data = request.get_data(cache=False)
+        data = _read_body(MAX_UPDATE_BYTES)
         if not data:
             raise BadRequest("empty artifact")
         return jsonify({"address": coord.store.put(data)}), 201
@@ -350,7 +385,7 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
 
 
 class ApiServer(BackgroundHttpServer):
-    """The coordinator's Flask app served in a background thread."""
+    """The coordinator's Flask app on waitress in a background thread."""
 
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__(app, host, port, name="coordinator-api")
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0, limits: HttpLimits | None = None) -> None:
+        super().__init__(app, host, port, name="coordinator-api", limits=limits or HttpLimits(max_body_bytes=MAX_UPDATE_BYTES + 64 * 1024))

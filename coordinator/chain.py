@@ -377,15 +377,28 @@ def connect(cfg: ChainConfig) -> ChainClient:
 
 def _connect_embedded(cfg: ChainConfig) -> ChainClient:
     provider = EthereumTesterProvider()
+    tester = provider.ethereum_tester
+    assert tester is not None  # EthereumTesterProvider() always makes one
+    # py-evm is not thread-safe: a read (the audit, the dashboard) interleaved with a send made
+    # sends fail ("invalid transaction nonce") or requests answer 500. Every request to the
+    # in-process chain, reads included, and every mined block go through one lock. (Patched
+    # before the first request: web3 caches the provider's request function on first use.)
+    lock = threading.RLock()
+    unlocked = provider.make_request
+
+    def make_request(method: Any, params: Any) -> Any:
+        with lock:
+            return unlocked(method, params)
+
+    provider.make_request = make_request  # type: ignore[method-assign]
     w3 = Web3(provider)
     account = cast(LocalAccount, Account.from_key(cfg.private_key) if cfg.private_key else Account.create())
     chain_id = _check_chain_id(w3, cfg)
-    tester = provider.ethereum_tester
-    assert tester is not None  # EthereumTesterProvider() always makes one
 
     def mine_one() -> None:
         # Nothing else mines in-process, so waiting for depth means making blocks.
-        tester.mine_blocks(1)
+        with lock:
+            tester.mine_blocks(1)
 
     client = ChainClient(w3, account, cfg, chain_id, mine_one)
     funder = tester.get_accounts()[0]

@@ -77,7 +77,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     coord.republish()
     if not cfg.admin_token:
         log.warning("admin_token is not set: the admin API (participants, tasks) refuses every request")
-    api = ApiServer(create_app(coord, cfg.admin_token), cfg.api_host, cfg.api_port)
+    api = ApiServer(create_app(coord, cfg.admin_token), cfg.api_host, cfg.api_port, cfg.http_limits)
     api.start()
     log.info("coordinator %s serving on %s", short_id(ident.node_id), api.url)
     stop = stop_on_signals()

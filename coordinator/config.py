@@ -7,6 +7,7 @@ from pathlib import Path
 
 from crowdfl.config import load_config
 from crowdfl.mqtt import MqttSettings
+from crowdfl.serving import HttpLimits
 
 from .reputation import ReputationConfig
 
@@ -37,6 +38,8 @@ class CoordinatorConfig:
     admin_token: str = ""
     max_participants: int = 0  # customers per round; 0: every eligible one
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    # the API's waitress limits: body (chunked too; 413), headers (431), idle connections, threads
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
 
     @property
     def key_file(self) -> Path:

@@ -12,6 +12,11 @@ _ERROR = {
 }
 
 
+_AUDIT_JOB = {"type": "object", "properties": {
+    "job_id": {"type": "string"}, "model_hash": {"type": "string"}, "status": {"enum": ["queued", "running", "done"]},
+    "result_url": {"type": "string"}, "ok": {"type": "boolean"}, "lines": {"type": "array"}, "problems": {"type": "array"}}}
+
+
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -124,10 +129,15 @@ def openapi_document() -> dict[str, Any]:
                                                  "reputation_history": {"type": "array"}, "contributions": {"type": "array"},
                                                  "budget": {"type": "array"}}}, ["node_id"]),
         "/api/v1/models/{model_hash}/verify": {"post": {
-            "summary": "audit a global model from the chain and the content store alone (no database)",
+            "summary": "queue an audit of a global model from the chain and the content store alone (no database); "
+                       "one runs at a time, a model already queued is not queued twice; fetch the result from result_url",
             "parameters": [{"$ref": "#/components/parameters/model_hash"}],
-            "responses": {"200": _json({"type": "object", "properties": {"ok": {"type": "boolean"}, "lines": {"type": "array"},
-                                                                          "problems": {"type": "array"}}}), "400": _ERROR},
+            "responses": {"202": _json(_AUDIT_JOB), "400": _ERROR, "429": _ERROR},
+        }},
+        "/api/v1/audits/{job_id}": {"get": {
+            "summary": "an audit job: status queued | running | done; when done also ok, lines, problems, task_id, round",
+            "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}],
+            "responses": {"200": _json(_AUDIT_JOB), "400": _ERROR, "404": _ERROR},
         }},
         "/api/v1/tasks/{task_id}/anchors": _get("anchors: round, hashes, tx and block of the anchor, scores and credit",
                                                 {"type": "array", "items": rnd}, ["task_id"]),

@@ -123,9 +123,19 @@ class Coordinator:
                     ))
                 elif row.role != role:
                     raise ValueError(f"{pub.node_id[:16]} is already registered as {row.role}")
+                elif row.active and (row.enc_key != pub.enc_key.hex() or (payout is not None and payout != row.payout)):
+                    # never a silent no-op: a new key or payout of an active participant is a
+                    # rotation, done explicitly (remove, then register again with the new values)
+                    what = "encryption key" if row.enc_key != pub.enc_key.hex() else "payout address"
+                    raise ValueError(
+                        f"{pub.node_id[:16]} is registered with another {what}; to rotate it, remove the participant, then register it again"
+                    )
                 else:
                     if not row.active:
                         row.on_chain = False  # the chain still has it removed
+                        row.enc_key = pub.enc_key.hex()  # re-registration after removal: the rotation
+                        if payout is not None:
+                            row.payout = payout
                     row.active, row.edge, row.removed_at = True, edge, None
         self.sync_registry()
 

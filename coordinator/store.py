@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +35,14 @@ class ContentStore(Protocol):
     def has(self, address: str) -> bool: ...
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalContentStore:
     """Files under ``root/aa/bbbb…``, written atomically."""
 
@@ -50,13 +59,16 @@ class LocalContentStore:
         path = self.path(address)
         if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == address:
             return address
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.root)  # the new fan-out folder's entry must survive a power cut too
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself is durable only once its folder is
         return address
 
     def get(self, address: str) -> bytes:

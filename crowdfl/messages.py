@@ -87,6 +87,17 @@ class Ack:
 
 
 @dataclass(frozen=True, eq=False)
+class Nack:
+    """An edge server refuses a device's authentic envelopes for good (by sequence number, one
+    reason each): resending cannot change the outcome, so the device drops them from its spool."""
+
+    KIND: ClassVar[int] = 22
+    device: str
+    seqs: np.ndarray  # uint64
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
 class ModelUpdate:
     """A customer's trained dense layers, produced and signed by the edge that trained them."""
 
@@ -131,7 +142,7 @@ class RoundManifest:
     ledger_hash: str = ""  # the round's scores, reputations, selection and rewards (coordinator/ledger.py)
 
 
-CODEC = Codec([TaskSpec, RoundStart, FeatureBatch, Ack, ModelUpdate, ModelWeights, RoundManifest])
+CODEC = Codec([TaskSpec, RoundStart, FeatureBatch, Ack, Nack, ModelUpdate, ModelWeights, RoundManifest])
 
 
 def sha256_hex(data: bytes) -> str:

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, jsonify
 
-from crowdfl.serving import BackgroundHttpServer
+from crowdfl.serving import BackgroundHttpServer, HttpLimits
+
+from .config import EDGE_HTTP_LIMITS
 
 from crowdfl.metrics import CONTENT_TYPE, Exposition
 
@@ -50,6 +52,11 @@ def render_metrics(server: EdgeServer) -> str:
     x.counter(
         "crowdfl_edge_messages_rejected_total", "Feature messages rejected, by reason.",
         {(("reason", r),): float(n) for r, n in rejected.items()},
+    )
+    control = dict(st.control_rejected)
+    x.counter(
+        "crowdfl_edge_control_rejected_total", "Task and round messages refused (bad signature, not the coordinator's, malformed), by reason.",
+        {(("reason", r),): float(n) for r, n in control.items()},
     )
     x.counter("crowdfl_edge_samples_stored_total", "Noisy feature samples stored.", ing.samples)
     x.counter("crowdfl_edge_drains_total", "Inbox drains (one database transaction each).", ing.drains)
@@ -91,7 +98,7 @@ def create_app(server: EdgeServer) -> Flask:
 
 
 class HttpServer(BackgroundHttpServer):
-    """The edge's health and metrics app served in a background thread."""
+    """The edge's health and metrics app on waitress in a background thread (GET only: tiny bodies)."""
 
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__(app, host, port, name="edge-http")
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0, limits: HttpLimits | None = None) -> None:
+        super().__init__(app, host, port, name="edge-http", limits=limits or EDGE_HTTP_LIMITS)

@@ -47,7 +47,7 @@ def run(cfg: EdgeConfig) -> int:
     http: HttpServer | None = None
     if cfg.http.enabled:
         try:
-            http = HttpServer(create_app(server), cfg.http.host, cfg.http.port)
+            http = HttpServer(create_app(server), cfg.http.host, cfg.http.port, cfg.http.limits)
         except OSError as exc:
             raise CrowdflError("config", f"cannot serve http on {cfg.http.host}:{cfg.http.port}: {exc}") from None
     server.start()

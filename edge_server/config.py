@@ -7,6 +7,7 @@ from pathlib import Path
 
 from crowdfl.config import load_config
 from crowdfl.mqtt import MqttSettings
+from crowdfl.serving import HttpLimits
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,10 @@ class CoordinatorSettings:
     enc_key: str = ""
 
 
+# /healthz and /metrics take no body; a scraper needs few connections
+EDGE_HTTP_LIMITS = HttpLimits(max_body_bytes=64 * 1024, max_header_bytes=16 * 1024, idle_timeout_s=30, max_connections=20, threads=2)
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     """The /healthz and /metrics endpoint; loopback by default (scraped on the host)."""
@@ -23,6 +28,7 @@ class HttpSettings:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8471
+    limits: HttpLimits = field(default_factory=lambda: EDGE_HTTP_LIMITS)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
@@ -40,6 +41,10 @@ NOISE_BOUND_SCALES = 60.0
 # (device, seq) is stored in a BIGINT (signed in SQLite and PostgreSQL); a larger seq would fail
 # the whole drain's transaction, so it is a rejection instead
 MAX_SEQ = 2**63
+# An unknown sender is looked up by its key (one indexed read), then remembered as unknown for a
+# while, so a flood of messages from unregistered keys costs neither a table reload nor a query each.
+UNKNOWN_SENDER_TTL_S = 10.0
+MAX_UNKNOWN_SENDERS = 100_000
 
 
 @dataclass
@@ -54,11 +59,19 @@ class IngestStats:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
+# Refusals that resending cannot change, of envelopes whose signature verified (so the device
+# itself sent them): answered with a Nack so the device stops resending. A refusal before the
+# signature is checked is never answered (anyone could have sent it), nor one that may pass later
+# (unknown_task: the task's spec has not reached this edge yet).
+TRANSIENT_REJECTIONS = frozenset({"unknown_task", "bad_signature"})
+
+
 @dataclass(frozen=True)
 class Drained:
     accepted: list[AcceptedBatch]
     acks: dict[str, list[int]]  # device node id -> seqs to acknowledge
     rejections: list[tuple[str, str, str]]  # (reason, detail, topic)
+    nacks: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # device -> (seq, reason) refused for good
 
 
 def validate_batch(batch: FeatureBatch, spec: TaskSpec) -> None:
@@ -131,6 +144,7 @@ class Ingestor:
         self.short = short_id(identity.node_id)
         self.stats = IngestStats()
         self._devices: dict[str, PublicIdentity] = {}
+        self._unknown: dict[str, float] = {}  # sender -> monotonic time it was found unregistered
         self._pool: Executor | None = None
 
     def close(self) -> None:
@@ -143,6 +157,26 @@ class Ingestor:
         self._devices = {
             nid: PublicIdentity.from_hex(nid, enc) for nid, enc in self.store.active_devices().items()
         }
+        self._unknown.clear()
+
+    def _sender(self, node_id: str) -> PublicIdentity | None:
+        """A registered device's keys: from memory, else one indexed read (never a table reload)."""
+        sender = self._devices.get(node_id)
+        if sender is not None:
+            return sender
+        now = time.monotonic()
+        seen = self._unknown.get(node_id)
+        if seen is not None and now - seen < UNKNOWN_SENDER_TTL_S:
+            return None
+        enc = self.store.active_device(node_id)
+        if enc is None:
+            if len(self._unknown) >= MAX_UNKNOWN_SENDERS:
+                self._unknown.clear()
+            self._unknown[node_id] = now
+            return None
+        self._unknown.pop(node_id, None)
+        sender = self._devices[node_id] = PublicIdentity(bytes.fromhex(node_id), bytes.fromhex(enc))
+        return sender
 
     def _open(self, items: list[tuple[Sealed, PublicIdentity]]) -> Callable[[int], Opened]:
         """Start opening ``items``; returns a getter that waits only for the chunk it needs.
@@ -186,6 +220,7 @@ class Ingestor:
         admitted: list[tuple[Incoming, Sealed, PublicIdentity]] = []
         rejections: list[tuple[str, str, str]] = []
         acks: dict[str, list[int]] = {}
+        nacks: dict[str, list[tuple[int, str]]] = {}
         for m in msgs:
             try:
                 admitted.append((m, *self._admit(m)))
@@ -227,6 +262,8 @@ class Ingestor:
                     raise WireError("sample_reuse", "a sample id was already received from this device")
             except WireError as exc:
                 rejections.append((exc.code, exc.detail, m.topic))
+                if exc.code not in TRANSIENT_REJECTIONS:
+                    nacks.setdefault(sealed.sender_id, []).append((sealed.seq, exc.code))
                 continue
             this_drain[key] = sealed.digest
             drain_ids.setdefault(owner, set()).update(ids)
@@ -242,7 +279,7 @@ class Ingestor:
         for reason, detail, topic in rejections:
             self.stats.rejected[reason] += 1
             log.warning("rejected message on %s: %s: %s", topic, reason, detail)
-        return Drained(accepted, acks, rejections)
+        return Drained(accepted, acks, rejections, nacks)
 
     def _admit(self, m: Incoming) -> tuple[Sealed, PublicIdentity]:
         """The checks that need no crypto: topic, layout, seq range, a registered, encrypting sender."""
@@ -256,10 +293,7 @@ class Ingestor:
             raise WireError("bad_seq", f"seq {sealed.seq} does not fit a signed 64-bit database column")
         if short_id(sealed.sender_id) != parts[4]:
             raise WireError("topic_mismatch", "sender key does not match the topic's device")
-        sender = self._devices.get(sealed.sender_id)
-        if sender is None:
-            self.refresh_devices()
-            sender = self._devices.get(sealed.sender_id)
+        sender = self._sender(sealed.sender_id)
         if sender is None:
             raise WireError("unknown_sender", f"device {sealed.sender_id[:16]} is not registered with this edge")
         if not sealed.encrypted:

@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ import numpy as np
 from crowdfl.envelope import open_envelope, seal
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
-from crowdfl.messages import CODEC, Ack, ModelUpdate, ModelWeights, RoundStart, TaskSpec
+from crowdfl.messages import CODEC, Ack, ModelUpdate, ModelWeights, Nack, RoundStart, TaskSpec
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic
 
 from .ingest import Ingestor
@@ -64,6 +65,8 @@ class EdgeStats:
     submit_rejected: int = 0
     submit_retries: int = 0
     rescheduled: int = 0  # jobs re-created from the database (restart, failed job, lost queue)
+    nacked: int = 0  # device envelopes refused for good and answered with a Nack
+    control_rejected: Counter[str] = field(default_factory=Counter)  # refused task/round messages, by reason
     train_seconds: float = 0.0
     train_time: Histogram = field(default_factory=lambda: Histogram(TRAIN_BUCKETS))
 
@@ -130,6 +133,10 @@ class EdgeServer:
             for device, seqs in drained.acks.items():
                 ack = Ack(device, np.array(sorted(set(seqs)), dtype=np.uint64))
                 self.link.publish(ack_topic(short_id(self.identity.node_id), short_id(device)), seal(CODEC.encode(ack), self.identity, time.time_ns()), qos=1)
+            for device, refused in drained.nacks.items():
+                nack = Nack(device, np.array([q for q, _ in refused], dtype=np.uint64), tuple(r for _, r in refused))
+                self.link.publish(ack_topic(short_id(self.identity.node_id), short_id(device)), seal(CODEC.encode(nack), self.identity, time.time_ns()), qos=1)
+                self.stats.nacked += len(refused)
             for b in drained.accepted:
                 self._maybe_schedule(b.task_id, b.round, b.device)
         return len(msgs)
@@ -151,6 +158,7 @@ class EdgeServer:
                     self.tasks[spec.task_id] = spec
                     self._schedule_round(spec.task_id)
         except CrowdflError as exc:
+            self.stats.control_rejected[exc.code] += 1
             log.warning("rejected control message on %s: %s", m.topic, exc)
 
     def restore(self) -> None:
@@ -245,6 +253,9 @@ class EdgeServer:
                 else:
                     self.stats.submitted += 1
                     self.stats.submit_duplicates += int(res.status == "duplicate")
+            elif res.reached:  # refused for now (e.g. this edge not registered yet): the next one may pass
+                self.stats.submit_retries += 1
+                log.warning("coordinator refused update %d for now (%s); it stays queued", update_id, res.detail)
             else:
                 self.stats.submit_retries += 1
                 log.info("coordinator unreachable (%s); update %d stays queued", res.detail, update_id)

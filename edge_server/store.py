@@ -238,6 +238,12 @@ class EdgeStore:
         with self.sessions.begin() as s:
             s.execute(update(DeviceRow).where(DeviceRow.node_id == node_id).values(active=False))
 
+    def active_device(self, node_id: str) -> str | None:
+        """One active device's encryption key (a primary-key lookup), or None."""
+        with self.sessions() as s:
+            row = s.get(DeviceRow, node_id)
+            return row.enc_key if row is not None and row.active else None
+
     def active_devices(self) -> dict[str, str]:
         with self.sessions() as s:
             return {r.node_id: r.enc_key for r in s.scalars(select(DeviceRow).where(DeviceRow.active))}

@@ -8,10 +8,18 @@ import urllib.request
 from dataclasses import dataclass
 
 
+# Refusals that can turn into an acceptance without the update changing: the coordinator does not
+# know this edge, the customer or the task *yet* (registration and publication travel separately),
+# or it asks to be called later. They are retried; every other 4xx is final.
+RETRYABLE_REJECTIONS = frozenset({"unknown_sender", "unknown_customer", "unknown_task"})
+RETRYABLE_STATUS = frozenset({408, 425, 429})
+
+
 @dataclass(frozen=True)
 class SubmitResult:
     status: str  # accepted | duplicate | rejected | retry
     detail: str = ""
+    reached: bool = True  # False: the coordinator did not answer (retry everything later)
 
     @property
     def final(self) -> bool:
@@ -37,8 +45,13 @@ class CoordinatorClient:
                 body = json.loads(exc.read(65536) or b"{}")
             except ValueError:
                 body = {}
+            if not isinstance(body, dict):
+                body = {}
+            detail = f"{body.get('error', exc.code)}: {body.get('detail', exc.reason)}"
+            if exc.code in RETRYABLE_STATUS or str(body.get("error", "")) in RETRYABLE_REJECTIONS:
+                return SubmitResult("retry", f"HTTP {exc.code} {detail}")
             if 400 <= exc.code < 500:
-                return SubmitResult("rejected", f"{body.get('error', exc.code)}: {body.get('detail', exc.reason)}")
-            return SubmitResult("retry", f"HTTP {exc.code}")
+                return SubmitResult("rejected", detail)
+            return SubmitResult("retry", f"HTTP {exc.code}", reached=False)
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            return SubmitResult("retry", str(exc))
+            return SubmitResult("retry", str(exc), reached=False)

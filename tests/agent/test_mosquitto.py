@@ -30,6 +30,7 @@ from crowdfl.identity import Identity, short_id
 from crowdfl.messages import CODEC, FeatureBatch
 from crowdfl.mqtt import MqttLink, MqttSettings, ack_topic, feature_topic
 from tests.agent.conftest import HISTORY_START
+from tests.agent.process import read_ledger
 from tests.agent.world import World, edge_counts, household_reports, wait_for
 from tests.support.mosquitto import MosquittoBroker
 
@@ -98,7 +99,8 @@ def test_release_is_ingested_and_acknowledged_over_tls(tls_world, tmp_path: Path
         wait_for(lambda: not agent.state.pending(), WAIT, "the edge's acknowledgement (spool empty)")
         counts = edge_counts(world.edge_db, device.node_id, world.spec.task_id, world.spec.feature_dim)
         assert counts.samples == n and len(counts.envelopes) == 1
-        assert counts.envelopes[0][0] == 1  # seq 1, stored once
+        released_seqs = {seq for _, _, seq in read_ledger(Path(agent.state.path)).released}
+        assert [counts.envelopes[0][0]] == sorted(released_seqs)  # the one seq, stored once
         # and the rest of the path: the edge trained on it and the real coordinator has the update
         wait_for(lambda: world.coordinator.round_progress(world.spec.task_id, 1)[0] == 1, WAIT, "the update at the coordinator")
         assert agent.stats.rejected_messages == 0

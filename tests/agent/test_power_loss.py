@@ -84,7 +84,7 @@ def test_kill_9_mid_publish_then_restart_delivers_each_sample_once(amqtt_world, 
         agent.start()
         wait_for(lambda: not read_ledger(state_db).spool, WAIT, f"the spool to empty after the restart\n{agent.log()}")
         got = edge()
-        assert got.envelopes == [(1, payload_digest)]  # byte for byte what was spooled before the kill
+        assert got.envelopes == [(spooled[0][0], payload_digest)]  # byte for byte what was spooled before the kill
         assert got.sample_ids == before.by_round(1)
         assert read_ledger(state_db).released == before.released  # round 1 was not contributed again
         assert "already contributed" in agent.log()
@@ -124,7 +124,8 @@ def test_kill_9_mid_publish_then_restart_delivers_each_sample_once(amqtt_world, 
     assert len(released_ids) == len(set(released_ids)) == 3 * n  # the ledger never re-released a sample
     assert [len(final.by_round(r)) for r in (1, 2, 3)] == [n, n, n]
     assert got.samples == 3 * n and got.sample_ids == released_ids  # each released sample at the edge exactly once
-    assert [seq for seq, _ in got.envelopes] == sorted({seq for _, _, seq in final.released}) == [1, 2, 3]
+    seqs = sorted({seq for _, _, seq in final.released})
+    assert [seq for seq, _ in got.envelopes] == seqs == [seqs[0], seqs[0] + 1, seqs[0] + 2]
     assert final.spool == []
 
 
@@ -177,9 +178,11 @@ def test_sigterm_exits_0_with_spool_flushed_state_closed_and_plugs_stored(amqtt_
         wait_for(lambda: agent.log().count("MQTT connected") >= 4, WAIT, f"the restarted agent's connections\n{agent.log()}")
         assert agent.terminate(30) == 0, agent.log()
         assert not Path(f"{state_db}-wal").exists()
-        assert read_ledger(state_db).spool == []
+        ledger = read_ledger(state_db)
+        assert ledger.spool == []
         got = edge_counts(world.edge_db, device.node_id, spec.task_id, spec.feature_dim)
-        assert got.samples == spec.samples_per_round and [s for s, _ in got.envelopes] == [1]
+        assert got.samples == spec.samples_per_round and [s for s, _ in got.envelopes] == sorted({q for _, _, q in ledger.released})
+        assert len(got.envelopes) == 1
     finally:
         home.stop()
         agent.stop()

@@ -49,16 +49,21 @@ class EdgeCounts:
     envelopes: list[tuple[int, str]]  # (seq, digest)
 
 
-def edge_counts(db: Path, device: str, task_id: str, feature_dim: int, max_seq: int = 64) -> EdgeCounts:
-    """What the edge's database holds from ``device``, through the edge store's own read API."""
-    from edge_server.store import EdgeStore
+def edge_counts(db: Path, device: str, task_id: str, feature_dim: int) -> EdgeCounts:
+    """What the edge's database holds from ``device``, through the edge store's own read API
+    (the envelopes' seqs from its batches table: a device's seqs start at the clock, not at 1)."""
+    from sqlalchemy import select
+
+    from edge_server.store import BatchRow, EdgeStore
 
     if not db.exists():
         return EdgeCounts(0, [], [])
     store = EdgeStore(f"sqlite:///{db}")
     try:
         ids = sorted(int(x) for x in store.customer_data(device, task_id, feature_dim).sample_ids)
-        known = store.known_envelopes([(device, s) for s in range(1, max_seq + 1)])
+        with store.sessions() as s:
+            seqs = [int(q) for q in s.scalars(select(BatchRow.seq).where(BatchRow.device == device))]
+        known = store.known_envelopes([(device, q) for q in seqs])
     finally:
         store.close()
     return EdgeCounts(len(ids), ids, sorted((seq, digest) for (_, seq), digest in known.items()))

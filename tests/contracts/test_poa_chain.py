@@ -6,8 +6,10 @@ tests/support/ethereumjs/node_modules, failed under CI=true.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from web3 import HTTPProvider, Web3
@@ -16,7 +18,15 @@ from web3.exceptions import ExtraDataLengthError
 from coordinator.chain import ChainError, connect
 from coordinator.contracts import CrowdContracts, Role
 from crowdfl.merkle import merkle_proof, merkle_root
-from tests.support.poa_chain import PoaChain  # fixtures come from tests/contracts/conftest.py
+from eth_account import Account
+
+from tests.support.poa_chain import (  # fixtures come from tests/contracts/conftest.py
+    PoaChain,
+    clique_signer,
+    ethereumjs_missing,
+    open_seal_gate,
+)
+from tests.support.realparts import require_real_part
 
 pytestmark = [pytest.mark.slow, pytest.mark.realpart]
 
@@ -118,9 +128,48 @@ def test_two_sealers(clique_two_sealers: PoaChain, capsys: pytest.CaptureFixture
     assert int(chain.rpc("eth_blockNumber", []), 16) > 2
     assert [int(chain.rpc("net_peerCount", [], node=i), 16) for i in (0, 1)] == [1, 1]
     assert _is_clique_block(chain, node=1)
+    # Peer first, seal after: node 0 alone sealed block 1 and node 1 built on it, so there was
+    # never a fork at genesis (both nodes hold the same blocks 1-3).
+    node0 = Account.from_key(chain.private_key).address
+    (node1,) = [s for s in chain.signers if s != node0]
+    assert [clique_signer(chain, n) for n in (1, 2, 3)] == [node0, node1, node0]
+    for n in (1, 2, 3):
+        assert chain.rpc("eth_getBlockByNumber", [hex(n), False], node=0)["hash"] == (
+            chain.rpc("eth_getBlockByNumber", [hex(n), False], node=1)["hash"]
+        )
     with capsys.disabled():
         started = f"started in {chain.started_in_s:.1f} s ({chain.attempts} attempt(s))"
         print(f"\n[clique 1 s, 2 signers] {started}; " + _fmt(timings))
+
+
+def test_seal_gate_holds_the_miner(tmp_path: Path) -> None:
+    """A sealer behind a closed gate (preload.cjs) seals nothing, and seals as soon as it opens."""
+    reason = ethereumjs_missing()
+    require_real_part("@ethereumjs/client", reason is None, reason or "")
+    from tests.support import poa_chain
+
+    key = Account.create()
+    genesis = tmp_path / "crowdfl.json"
+    genesis.write_text(json.dumps(poa_chain._genesis([key.address], 1)))
+    key_file = tmp_path / "signer.key"
+    key_file.write_text(key.key.hex().removeprefix("0x"))
+    gate = tmp_path / "node" / "seal.gate"
+    args = ["--gethGenesis", str(genesis), "--unlock", str(key_file), "--mine", "--isSingleNode", "--maxPeers", "0"]
+    node = poa_chain._start_node(tmp_path / "node", args, seal_gate=gate)
+    chain = PoaChain("gate", poa_chain.CLIQUE_CHAIN_ID, key.key.hex(), [key.address], 1, [node])
+    try:
+        poa_chain._wait_for_rpc(node, 90)
+        poa_chain._wait_for_log(node, "seal gate closed", 90)
+        # The miner re-tries every 100 ms; three block periods without a block show the gate holds.
+        held_since = time.monotonic()
+        while time.monotonic() - held_since < 3.0:
+            assert int(chain.rpc("eth_blockNumber", []), 16) == 0
+            time.sleep(0.2)
+        open_seal_gate(gate)
+        poa_chain._wait_for_block(chain, 2, 60)
+        assert clique_signer(chain, 1) == key.address
+    finally:
+        chain.stop()
 
 
 def test_dev_poa_chain(dev_chain: PoaChain, capsys: pytest.CaptureFixture[str]) -> None:

@@ -138,7 +138,10 @@ def test_kill9_and_chain_outage_lose_nothing_and_anchor_once(
         assert proc.get(rounds_url)[1]["status"] == "closed"
         proc.kill9()  # 4: killed after the close, before anchoring (chain still down)
         proc.start()
-        time.sleep(2.0)
+        # The restarted coordinator tries to anchor again (a condition, not a pause) and, the
+        # chain being down, leaves the round closed.
+        tried = proc.get(rounds_url)[1]["anchor_attempts"]
+        _wait(lambda: proc.get(rounds_url)[1]["anchor_attempts"] > tried, 60, proc.log_text)
         assert proc.get(rounds_url)[1]["status"] == "closed"
         proxy.up()  # the chain is back: anchored, scored and credited, once
         _wait(lambda: proc.get(rounds_url)[1]["settled"], 90, proc.log_text)

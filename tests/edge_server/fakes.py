@@ -46,7 +46,7 @@ class RecordingCoordinator:
 
     def submit(self, envelope: bytes) -> SubmitResult:
         if not self.available:
-            return SubmitResult("retry", "HTTP 503")
+            return SubmitResult("retry", "HTTP 503", reached=False)
         self.posts.append(envelope)
         sealed = parse(envelope)
         upd = CODEC.decode(sealed.body, ModelUpdate)

@@ -165,6 +165,13 @@ class Device:
             self.acked.update(int(s) for s in ack.seqs)
 
 
+def _collect(devices: list[Device]) -> int:
+    """Take in every acknowledgement that has arrived; how many batches are acknowledged so far."""
+    for d in devices:
+        d.collect_acks()
+    return sum(len(d.acked) for d in devices)
+
+
 def test_kill_9_during_ingest_and_training_loses_nothing_and_submits_once(
     mosquitto_broker, coordinator_endpoint, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
@@ -216,10 +223,11 @@ def test_kill_9_during_ingest_and_training_loses_nothing_and_submits_once(
             devices[key[0]].link.publish(m.topic, m.payload, qos=1)
             time.sleep(0.004)
             if n == len(order) // 3:
-                edge.kill9()  # mid-stream: the inbox, the queue and an open drain die with it
-        time.sleep(0.3)
-        for d in devices:
-            d.collect_acks()
+                # Mid-stream, once the edge has acknowledged something (however slow a loaded
+                # machine makes it): the inbox, the queue and an open drain die with it.
+                wait_for(lambda: _collect(devices) > 0, 60, edge)
+                edge.kill9()
+        _collect(devices)
         acked_before = {(i, s) for i, d in enumerate(devices) for s in d.acked}
         assert acked_before, f"nothing was acknowledged before the kill\n{edge.log_tail()}"
         store = EdgeStore(db_url)

@@ -11,7 +11,10 @@ Three shapes:
   ``period_s`` blocks, default 1 s) sealed by a key we generate and pass with ``--unlock``.
 * :func:`start_clique_chain` with ``sealers=2`` - two nodes, one signer each, peered over
   loopback RLPx; Clique only lets a signer seal every other block, so the chain moves only
-  while both nodes talk.
+  while both nodes talk. Peer first, seal after: each node's miner waits behind a seal gate
+  (see preload.cjs) until both nodes count the other as a peer; then node 0 seals block 1, and
+  node 1 may seal only once it holds that block. Two signers that sealed block 1 on their own
+  would fork at genesis and stall for good.
 
 Every node runs with ``node --require ethereumjs/preload.cjs``: it rebinds the client's
 hard-coded ``0.0.0.0`` listeners (RLPx TCP, discovery UDP) to 127.0.0.1, refuses any
@@ -170,12 +173,14 @@ def start_clique_chain(
 ) -> PoaChain:
     """A Clique network from our own genesis; ``sealers`` nodes, one signer key each.
 
-    Two-node networks are retried: 0.9.0 pings its bootnode once at start-up and never again, and
-    in about one start in ten under load that ping is lost, leaving two single-signer forks."""
+    No node seals before the nodes have peered (see the module docstring), so a slow start can
+    leave them unpeered but never forked. Two-node networks are still retried when the peer link
+    does not come up: 0.9.0 pings its bootnode once at start-up and never again, and under load
+    that ping can be lost."""
     if sealers not in (1, 2):
         raise ValueError("sealers must be 1 or 2")
     began = time.monotonic()
-    link_timeout = min(timeout_s, 10.0 + 5.0 * period_s)
+    link_timeout = min(timeout_s, 20.0 + 5.0 * period_s)
     for attempt in range(1, attempts + 1):
         try:
             chain = _start_clique_once(work_dir / f"try{attempt}", sealers, period_s, timeout_s, link_timeout)
@@ -200,6 +205,7 @@ def _start_clique_once(
     chain = PoaChain(
         f"clique-{sealers}", CLIQUE_CHAIN_ID, "0x" + keys[0].key.hex().removeprefix("0x"), signers, period_s
     )
+    gates = [work_dir / f"node{i}" / "seal.gate" for i in range(sealers)]
     try:
         bootnode: str | None = None
         for i, key in enumerate(keys):
@@ -210,7 +216,7 @@ def _start_clique_once(
             args += ["--maxPeers", str(sealers - 1)]
             if bootnode is not None:
                 args += ["--bootnodes", bootnode]
-            node = _start_node(work_dir / f"node{i}", args)
+            node = _start_node(work_dir / f"node{i}", args, seal_gate=gates[i])
             chain.nodes.append(node)
             text = _wait_for_log(node, "Server listener up", timeout_s)
             enode = _ENODE_RE.search(text)
@@ -220,13 +226,51 @@ def _start_clique_once(
         for node in chain.nodes:
             _wait_for_log(node, _RPC_UP, timeout_s)
             _wait_for_rpc(node, timeout_s)
-        # Block 3 needs both signers when there are two (Clique: a signer may not seal two
-        # blocks in a row), so reaching it proves the peer link.
-        _wait_for_block(chain, 1 if sealers == 1 else 3, timeout_s if sealers == 1 else link_timeout_s)
+        if sealers == 1:
+            open_seal_gate(gates[0])
+            _wait_for_block(chain, 1, timeout_s)
+            return chain
+        # Peer first ...
+        _wait_for_peers(chain, sealers - 1, link_timeout_s)
+        # ... then seal: node 0 alone seals block 1, node 1 joins once it holds that block.
+        open_seal_gate(gates[0])
+        _wait_for_block(chain, 1, timeout_s, node=1)
+        open_seal_gate(gates[1])
+        # Block 3 needs both signers (Clique: a signer may not seal two blocks in a row), so
+        # reaching it on both nodes proves the peer link carries blocks both ways.
+        for i in range(sealers):
+            _wait_for_block(chain, 3, timeout_s, node=i)
     except BaseException:
         chain.stop()
         raise
     return chain
+
+
+def clique_signer(chain: PoaChain, number: int, node: int = 0) -> str:
+    """The address that sealed block ``number`` (EIP-225: ecrecover over the header without the seal)."""
+    import rlp
+    from eth_keys import keys
+    from eth_utils import keccak, to_checksum_address
+
+    block = chain.rpc("eth_getBlockByNumber", [hex(number), False], node=node)
+    extra = bytes.fromhex(block["extraData"][2:])
+    data = lambda name: bytes.fromhex(block[name][2:])  # noqa: E731
+    qty = lambda name: int(block[name], 16)  # noqa: E731
+    header = [
+        data("parentHash"), data("sha3Uncles"), data("miner"), data("stateRoot"),
+        data("transactionsRoot"), data("receiptsRoot"), data("logsBloom"), qty("difficulty"),
+        qty("number"), qty("gasLimit"), qty("gasUsed"), qty("timestamp"),
+        extra[:-65], data("mixHash"), data("nonce"), qty("baseFeePerGas"),
+    ]
+    digest = keccak(rlp.encode(header))
+    public = keys.Signature(extra[-65:]).recover_public_key_from_msg_hash(digest)
+    return str(to_checksum_address(public.to_canonical_address()))
+
+
+def open_seal_gate(gate: Path) -> None:
+    """Let the node whose ``CROWDFL_SEAL_GATE`` is ``gate`` start sealing (preload.cjs)."""
+    gate.parent.mkdir(parents=True, exist_ok=True)
+    gate.touch()
 
 
 @pytest.fixture(scope="module")
@@ -308,8 +352,12 @@ _FORKS = (
 )
 
 
-def _start_node(data_dir: Path, extra: list[str]) -> PoaNode:
+def _start_node(data_dir: Path, extra: list[str], seal_gate: Path | None = None) -> PoaNode:
     data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.pop("CROWDFL_SEAL_GATE", None)
+    if seal_gate is not None:
+        env["CROWDFL_SEAL_GATE"] = str(seal_gate)
     rpc_port, p2p_port = free_ports(2, HOST)
     args = [
         shutil.which("node") or "node",
@@ -344,6 +392,7 @@ def _start_node(data_dir: Path, extra: list[str]) -> PoaNode:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=data_dir,
+            env=env,
             start_new_session=True,  # own process group: stop() kills everything it spawned
         )
     return PoaNode(proc, rpc_port, p2p_port, data_dir, log_path)
@@ -374,11 +423,23 @@ def _wait_for_rpc(node: PoaNode, timeout_s: float) -> None:
             time.sleep(0.1)
 
 
-def _wait_for_block(chain: PoaChain, number: int, timeout_s: float) -> None:
+def _wait_for_block(chain: PoaChain, number: int, timeout_s: float, node: int = 0) -> None:
     deadline = time.monotonic() + timeout_s
-    while int(chain.rpc("eth_blockNumber", []), 16) < number:
+    while int(chain.rpc("eth_blockNumber", [], node=node), 16) < number:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"chain stuck below block {number}:\n{chain.log_text()[-4000:]}")
+            raise TimeoutError(f"node {node} stuck below block {number}:\n{chain.log_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def _wait_for_peers(chain: PoaChain, peers: int, timeout_s: float) -> None:
+    """Every node counts ``peers`` peers (``net_peerCount``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = [int(chain.rpc("net_peerCount", [], node=i), 16) for i in range(len(chain.nodes))]
+        if all(c >= peers for c in counts):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nodes not peered (peer counts {counts}):\n{chain.log_text()[-4000:]}")
         time.sleep(0.2)
 
 

@@ -61,7 +61,12 @@
     out.className = "muted";
     out.textContent = "verifying…";
     try {
-      const rep = await getJSON(API.verify(hash), { method: "POST" });
+      // the audit is a queued job: POST queues it, its result_url answers once it is done
+      let rep = await getJSON(API.verify(hash), { method: "POST" });
+      while (rep.status !== "done") {
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        rep = await getJSON(rep.result_url || `/api/v1/audits/${rep.job_id}`);
+      }
       out.className = rep.ok ? "ok" : "bad";
       out.textContent = rep.ok ? "verified: the model is the aggregate of the anchored, signed updates" : "FAILED: the provenance does not check out";
       document.getElementById("verify-report").textContent = rep.lines.join("\n");

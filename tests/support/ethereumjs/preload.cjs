@@ -1,4 +1,4 @@
-// Preloaded with `node --require` by tests/support/poa_chain.py. Two fixes for @ethereumjs/client 0.9.0:
+// Preloaded with `node --require` by tests/support/poa_chain.py. Three fixes for @ethereumjs/client 0.9.0:
 //
 // 1. --unlock <keyfile> crashes before reading the file: cli.js calls readline_1.default.createInterface
 //    on a plain require('readline'), which has no .default. Giving the cached module a .default fixes it.
@@ -6,7 +6,15 @@
 // 2. It hard-codes listen('0.0.0.0') for RLPx (TCP) and discovery (UDP) and
 // can dial peers and a public DNS resolver. Tests may only touch loopback, so this rewrites every
 // wildcard bind to 127.0.0.1 and refuses any outbound TCP/UDP to a non-loopback address.
+//
+// 3. Seal gate: with CROWDFL_SEAL_GATE=<file> set, the miner does not seal while <file> is absent
+//    (it re-checks every 100 ms). The miner starts sealing at start-up whether or not it has a peer,
+//    so two signers started side by side can both seal block 1 before they peer, fork at genesis and
+//    then wait on each other for ever ("too recently signed"). The harness peers the nodes first,
+//    then opens one gate, waits until the other node has block 1, then opens the other.
 'use strict';
+const fs = require('fs');
+const Module = require('module');
 const net = require('net');
 const dgram = require('dgram');
 const readline = require('readline');
@@ -67,3 +75,32 @@ dgram.Socket.prototype.send = function send(...args) {
   }
   return origSend.apply(this, args);
 };
+
+const SEAL_GATE = process.env.CROWDFL_SEAL_GATE;
+if (SEAL_GATE) {
+  const origLoad = Module._load;
+  Module._load = function load(...args) {
+    const exported = origLoad.apply(this, args);
+    const Miner = exported && exported.Miner;
+    if (typeof Miner === 'function' && Miner.prototype.assembleBlock && !Miner.__crowdflSealGate) {
+      Miner.__crowdflSealGate = true;
+      const assemble = Miner.prototype.assembleBlock;
+      Miner.prototype.assembleBlock = async function gatedAssembleBlock(...a) {
+        if (!fs.existsSync(SEAL_GATE)) {
+          if (!this.__crowdflGateLogged) {
+            this.__crowdflGateLogged = true;
+            this.config.logger.info(`Miner: seal gate closed (${SEAL_GATE}), not sealing yet`);
+          }
+          if (this.running) this._nextAssemblyTimeoutId = setTimeout(() => void this.queueNextAssembly(0), 100);
+          return undefined;
+        }
+        if (!this.__crowdflGateOpenLogged) {
+          this.__crowdflGateOpenLogged = true;
+          this.config.logger.info('Miner: seal gate open');
+        }
+        return assemble.apply(this, a);
+      };
+    }
+    return exported;
+  };
+}
