@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from types import MappingProxyType
 
 import numpy as np
@@ -405,7 +405,7 @@ def timeline_usage(
     weeks = [
         usage_matrix(
             profile,
-            datetime.fromtimestamp(week * week_s, tz=UTC),
+            datetime.fromtimestamp(week * week_s, tz=timezone.utc),
             week_s // interval_s,
             interval_s,
             np.random.default_rng([seed, week]),
