@@ -15,6 +15,7 @@ from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
 from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
+from crowdfl.secrets import resolve_secret
 
 from .reputation import ReputationConfig
 
@@ -25,7 +26,8 @@ log = logging.getLogger("crowdfl.coordinator")
 class ChainSettings:
     kind: str = "embedded"  # embedded (eth-tester, in-process, lost on exit) | rpc
     rpc_url: str = ""
-    private_key_file: Path | None = None  # hex key of the manufacturer's sealer/owner account
+    # hex key of the manufacturer's sealer/owner account (0600 file), else the systemd credential "chain-key"
+    private_key_file: Path | None = None
     chain_id: int | None = None
     confirmations: int = 0
     gas_price_wei: int | None = None
@@ -36,6 +38,7 @@ class ChainSettings:
 class CoordinatorConfig:
     state_dir: Path = Path("/var/lib/crowdfl-coordinator")
     database_url: str = ""
+    database_url_file: Path | None = None  # or the systemd credential "database-url" (the URL holds the password)
     api_host: str = "127.0.0.1"
     api_port: int = 8470
     mqtt: MqttSettings = field(default_factory=MqttSettings)
@@ -45,6 +48,7 @@ class CoordinatorConfig:
     trim_beta: float = 0.1
     # bearer token for the admin API (register/remove participants, publish tasks); empty: disabled
     admin_token: str = ""
+    admin_token_file: Path | None = None  # or the systemd credential "admin-token"
     max_participants: int = 0  # customers per round; 0: every eligible one
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
 
@@ -54,7 +58,12 @@ class CoordinatorConfig:
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.state_dir / 'coordinator.sqlite'}"
+        url = resolve_secret(self.database_url, self.database_url_file, "database_url", "database-url")
+        return url or f"sqlite:///{self.state_dir / 'coordinator.sqlite'}"
+
+    @property
+    def admin_bearer(self) -> str:
+        return resolve_secret(self.admin_token, self.admin_token_file, "admin_token", "admin-token")
 
 
 def load(path: Path | None) -> CoordinatorConfig:
@@ -66,9 +75,7 @@ def _contracts(cfg: CoordinatorConfig):  # type: ignore[no-untyped-def]
     from .chain import ChainConfig, ChainError, connect
     from .contracts import CrowdContracts
 
-    key = None
-    if cfg.chain.private_key_file is not None:
-        key = Path(cfg.chain.private_key_file).read_text().strip()
+    key = resolve_secret("", cfg.chain.private_key_file, "chain.private_key", "chain-key") or None
     client = connect(ChainConfig(
         kind=cfg.chain.kind, rpc_url=cfg.chain.rpc_url or None, private_key=key, chain_id=cfg.chain.chain_id,  # type: ignore[arg-type]
         confirmations=cfg.chain.confirmations, gas_price_wei=cfg.chain.gas_price_wei, poa=cfg.chain.poa,
@@ -117,9 +124,10 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
         log.info("published task %s", designed.spec.task_id)
     coord.sync_registry()
     coord.republish()
-    if not cfg.admin_token:
+    admin_token = cfg.admin_bearer
+    if not admin_token:
         log.warning("admin_token is not set: the admin API (participants, tasks) refuses every request")
-    api = ApiServer(create_app(coord, cfg.admin_token), cfg.api_host, cfg.api_port)
+    api = ApiServer(create_app(coord, admin_token), cfg.api_host, cfg.api_port)
     api.start()
     log.info("coordinator %s serving on %s", short_id(ident.node_id), api.url)
     stop = stop_on_signals()
