@@ -8,7 +8,7 @@ import logging
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ def status(cfg: AgentConfig) -> dict[str, object]:
         return {
             "node_id": Identity.load(cfg.key_file).node_id if cfg.key_file.exists() else None,
             "usage_reports": usage.count(),
-            "usage_span": [datetime.fromtimestamp(t, UTC).isoformat() for t in span] if span else None,
+            "usage_span": [datetime.fromtimestamp(t, timezone.utc).isoformat() for t in span] if span else None,
             "samples_released": budget.samples_released,
             "max_epsilon_per_sample": budget.max_epsilon_per_sample,
             "budget_by_task": {k: {"samples": n, "epsilon_sum": e} for k, (n, e) in budget.by_task.items()},
@@ -100,7 +100,7 @@ def build_sources(cfg: AgentConfig, short: str) -> list[UsageSource]:
 
         profile = sample_profile(f"sim-{short}", np.random.default_rng(cfg.source.seed))
         now = time.time()
-        start = datetime.fromtimestamp(now - now % cfg.source.interval_s - 28 * 86400, UTC)
+        start = datetime.fromtimestamp(now - now % cfg.source.interval_s - 28 * 86400, timezone.utc)
         sources.append(SimulatedSource(profile, start, cfg.source.interval_s, cfg.source.seed))
     # jsonl is a one-off `import`; live plug telemetry arrives through its own source
     if cfg.plugs:

@@ -13,6 +13,7 @@ from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink
 from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
+from crowdfl.secrets import resolve_secret
 
 from .config import CoordinatorConfig, load
 
@@ -24,9 +25,7 @@ def _contracts(cfg: CoordinatorConfig):  # type: ignore[no-untyped-def]
     from .chain import ChainConfig, ChainError, connect
     from .contracts import CrowdContracts
 
-    key = None
-    if cfg.chain.private_key_file is not None:
-        key = Path(cfg.chain.private_key_file).read_text().strip()
+    key = resolve_secret("", cfg.chain.private_key_file, "chain.private_key", "chain-key") or None
     client = connect(ChainConfig(
         kind=cfg.chain.kind, rpc_url=cfg.chain.rpc_url or None, private_key=key, chain_id=cfg.chain.chain_id,  # type: ignore[arg-type]
         confirmations=cfg.chain.confirmations, gas_price_wei=cfg.chain.gas_price_wei, poa=cfg.chain.poa,
@@ -75,9 +74,10 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
         log.info("published task %s", designed.spec.task_id)
     coord.sync_registry()
     coord.republish()
-    if not cfg.admin_token:
+    admin_token = cfg.admin_bearer
+    if not admin_token:
         log.warning("admin_token is not set: the admin API (participants, tasks) refuses every request")
-    api = ApiServer(create_app(coord, cfg.admin_token), cfg.api_host, cfg.api_port, cfg.http_limits)
+    api = ApiServer(create_app(coord, admin_token), cfg.api_host, cfg.api_port, cfg.http_limits)
     api.start()
     log.info("coordinator %s serving on %s", short_id(ident.node_id), api.url)
     stop = stop_on_signals()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from crowdfl.config import load_config
 from crowdfl.mqtt import MqttSettings
+from crowdfl.secrets import resolve_secret
 from crowdfl.serving import HttpLimits
 
 from .reputation import ReputationConfig
@@ -16,7 +17,8 @@ from .reputation import ReputationConfig
 class ChainSettings:
     kind: str = "embedded"  # embedded (eth-tester, in-process, lost on exit) | rpc
     rpc_url: str = ""
-    private_key_file: Path | None = None  # hex key of the manufacturer's sealer/owner account
+    # hex key of the manufacturer's sealer/owner account (0600 file), else the systemd credential "chain-key"
+    private_key_file: Path | None = None
     chain_id: int | None = None
     confirmations: int = 0
     gas_price_wei: int | None = None
@@ -27,6 +29,7 @@ class ChainSettings:
 class CoordinatorConfig:
     state_dir: Path = Path("/var/lib/crowdfl-coordinator")
     database_url: str = ""
+    database_url_file: Path | None = None  # or the systemd credential "database-url" (the URL holds the password)
     api_host: str = "127.0.0.1"
     api_port: int = 8470
     mqtt: MqttSettings = field(default_factory=MqttSettings)
@@ -36,6 +39,7 @@ class CoordinatorConfig:
     trim_beta: float = 0.1
     # bearer token for the admin API (register/remove participants, publish tasks); empty: disabled
     admin_token: str = ""
+    admin_token_file: Path | None = None  # or the systemd credential "admin-token"
     max_participants: int = 0  # customers per round; 0: every eligible one
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     # the API's waitress limits: body (chunked too; 413), headers (431), idle connections, threads
@@ -47,7 +51,12 @@ class CoordinatorConfig:
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.state_dir / 'coordinator.sqlite'}"
+        url = resolve_secret(self.database_url, self.database_url_file, "database_url", "database-url")
+        return url or f"sqlite:///{self.state_dir / 'coordinator.sqlite'}"
+
+    @property
+    def admin_bearer(self) -> str:
+        return resolve_secret(self.admin_token, self.admin_token_file, "admin_token", "admin-token")
 
 
 def load(path: Path | None) -> CoordinatorConfig:

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
+import sys
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (NVIDIA JetPack 6): the same parser, from PyPI
+    import tomli as tomllib
 
 C = TypeVar("C")
 

@@ -45,7 +45,7 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
@@ -184,7 +184,7 @@ def _load(f: TextIO, max_rows: int | None) -> tuple[datetime, np.ndarray]:
     per_hour = energy[first:last] / np.maximum(minutes_per_hour[first:last], 1)[:, None] * 60
     hourly = np.zeros((last - first, len(DEVICE_KINDS)))
     hourly[:, [KIND_INDEX[k] for k in _CHANNEL_KINDS]] = _fill_gaps(per_hour, good[first:last])
-    start = datetime.fromtimestamp((origin + first * 60) * 60, tz=UTC)
+    start = datetime.fromtimestamp((origin + first * 60) * 60, tz=timezone.utc)
     return start, hourly.astype(np.float32)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -32,7 +32,7 @@ DEFAULT_CLASS_EDGES_WH: tuple[float, ...] = (950.0, 2500.0, 5400.0)
 
 # The first hour of the generated world: the manufacturer's lab and held-out homes and the
 # simulated customers' histories all start here, so their hour indices line up.
-WORLD_START = datetime(2026, 9, 1, tzinfo=UTC)
+WORLD_START = datetime(2026, 9, 1, tzinfo=timezone.utc)
 
 _FRIDGE, _WASH, _DISH, _COOK, _KETTLE, _MEDIA, _CLIMATE, _LIGHT, _EV, _OTHER = range(10)
 _DAY_S = 86_400
@@ -382,7 +382,7 @@ def timeline_usage(
     weeks = [
         usage_matrix(
             profile,
-            datetime.fromtimestamp(week * week_s, tz=UTC),
+            datetime.fromtimestamp(week * week_s, tz=timezone.utc),
             week_s // interval_s,
             interval_s,
             np.random.default_rng([seed, week]),

@@ -1,16 +1,22 @@
-"""Prometheus text exposition (format 0.0.4), written by hand, for all three roles.
+"""Prometheus text exposition (format 0.0.4) for all three roles, through prometheus-client.
 
-Twenty lines of formatting do not justify a dependency (and its global default registry). Each
-role keeps its counters in its own stats objects (the agent's ``AgentStats``, the edge's
-``IngestStats``/``EdgeStats``, the coordinator's database) and a scrape renders a snapshot of them.
+No global registry and no module-level metric objects: each role keeps its counters in its own
+stats objects (the agent's ``AgentStats``, the edge's ``IngestStats``/``EdgeStats``, the
+coordinator's database), and a scrape turns a snapshot of them into metric families of a custom
+collector in a registry made for that scrape. prometheus-client is pure Python, so the agent's
+import closure stays small.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -53,56 +59,53 @@ class Sample:
     labels: tuple[tuple[str, str], ...] = ()
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Families:
+    """A custom collector over one scrape's families; registered in a private registry only."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
 
 
-def _number(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if math.isnan(v):
-        return "NaN"
-    return repr(int(v)) if float(v).is_integer() and abs(v) < 2**53 else repr(float(v))
-
-
-def _labels(labels: Iterable[tuple[str, str]]) -> str:
-    items = [f'{k}="{_escape(v)}"' for k, v in labels]
-    return "{" + ",".join(items) + "}" if items else ""
+def _label_names(value: Mapping[tuple[tuple[str, str], ...], float]) -> list[str]:
+    names = {tuple(k for k, _ in labels) for labels in value}
+    if len(names) > 1:
+        raise ValueError(f"one metric family needs one set of label names, got {sorted(names)}")
+    return list(next(iter(names), ()))
 
 
 class Exposition:
-    """Collects metric families and renders them; one instance per scrape."""
+    """Collects metric families (prometheus-client's) and renders them; one instance per scrape."""
 
     def __init__(self) -> None:
-        self._lines: list[str] = []
-
-    def _family(self, name: str, kind: str, help_text: str) -> None:
-        self._lines.append(f"# HELP {name} {_escape(help_text)}")
-        self._lines.append(f"# TYPE {name} {kind}")
+        self._families: list[Metric] = []
 
     def counter(self, name: str, help_text: str, value: float | Mapping[tuple[tuple[str, str], ...], float]) -> None:
         """``name`` must end in ``_total``; a mapping gives one sample per label set."""
-        self._family(name, "counter", help_text)
-        self._samples(name, value)
+        if not name.endswith("_total"):
+            raise ValueError(f"counter {name} must end in _total")
+        self._add(CounterMetricFamily, name, help_text, value)
 
     def gauge(self, name: str, help_text: str, value: float | Mapping[tuple[tuple[str, str], ...], float]) -> None:
-        self._family(name, "gauge", help_text)
-        self._samples(name, value)
+        self._add(GaugeMetricFamily, name, help_text, value)
 
     def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
-        self._family(name, "histogram", help_text)
-        buckets, count, total = hist.snapshot()
-        for bound, n in buckets:
-            self._lines.append(f'{name}_bucket{{le="{_number(bound) if math.isinf(bound) else repr(bound)}"}} {n}')
-        self._lines.append(f"{name}_sum {_number(total)}")
-        self._lines.append(f"{name}_count {count}")
+        buckets, _count, total = hist.snapshot()
+        self._families.append(HistogramMetricFamily(
+            name, help_text, buckets=[("+Inf" if math.isinf(b) else repr(b), n) for b, n in buckets], sum_value=total))
 
-    def _samples(self, name: str, value: float | Mapping[tuple[tuple[str, str], ...], float]) -> None:
+    def _add(self, kind: Any, name: str, help_text: str, value: float | Mapping[tuple[tuple[str, str], ...], float]) -> None:
         if isinstance(value, Mapping):
+            family = kind(name, help_text, labels=_label_names(value))
             for labels, v in sorted(value.items()):
-                self._lines.append(f"{name}{_labels(labels)} {_number(v)}")
+                family.add_metric([lv for _, lv in labels], float(v))
         else:
-            self._lines.append(f"{name} {_number(value)}")
+            family = kind(name, help_text, value=float(value))
+        self._families.append(family)
 
     def render(self) -> str:
-        return "\n".join(self._lines) + "\n"
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(self._families))  # type: ignore[arg-type]
+        return generate_latest(registry).decode()

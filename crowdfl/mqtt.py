@@ -106,6 +106,11 @@ class MqttLink:
                 return Path(self.settings.password_file).read_text().strip()
             except OSError as exc:
                 raise ConfigError("password_file", f"cannot read {self.settings.password_file}: {exc}") from None
+        if self.settings.password is None:
+            # systemd LoadCredential=mqtt-password:... (the SD image delivers the device's password so)
+            from .secrets import resolve_secret
+
+            return resolve_secret("", None, "mqtt.password", "mqtt-password") or None
         return self.settings.password
 
     def start(self) -> None:

@@ -1,4 +1,4 @@
-"""``crowdfl-edge``: provision, register devices, run, status."""
+"""``crowdfl-edge``: provision, register devices, broker-config, run, status."""
 
 from __future__ import annotations
 
@@ -64,6 +64,37 @@ def run(cfg: EdgeConfig) -> int:
     return 0
 
 
+def broker_config(cfg: EdgeConfig, args: argparse.Namespace) -> dict[str, object]:
+    """Write mosquitto.conf, acl, passwd and one password file per account into ``args.out``."""
+    from .broker_config import BrokerPlan, Listener, load_or_create_passwords, write_broker_files
+
+    if not cfg.key_file.exists():
+        raise CrowdflError("not_provisioned", f"no edge identity at {cfg.key_file}: run `crowdfl-edge provision` first")
+    edge = short_id(Identity.load(cfg.key_file).node_id)
+    store = EdgeStore(cfg.db_url)
+    try:
+        devices = tuple(sorted(short_id(n) for n in store.active_devices()))
+    finally:
+        store.close()
+    coordinators = (short_id(_hex32(cfg.coordinator.sign_key, "coordinator.sign_key")),) if cfg.coordinator.sign_key else ()
+    out = Path(args.out).resolve()
+    listeners = [Listener(args.port, args.bind)]
+    if args.mtls_port:
+        listeners.append(Listener(args.mtls_port, args.bind, client_certificates=True))
+    plan = BrokerPlan(
+        cafile=Path(args.cafile), certfile=Path(args.certfile), keyfile=Path(args.keyfile),
+        password_file=out / "passwd", acl_file=out / "acl", listeners=tuple(listeners),
+        devices=devices, edges=(edge,), coordinators=coordinators,
+        message_size_limit=args.message_size_limit,
+        persistence_dir=Path(args.persistence_dir) if args.persistence_dir else None,
+        run_as=args.run_as or None,
+    )
+    passwords = load_or_create_passwords(out / "credentials", [*devices, edge, *coordinators])
+    write_broker_files(plan, passwords, out / "mosquitto.conf")
+    return {"config": str(out / "mosquitto.conf"), "edge": edge, "devices": list(devices),
+            "coordinators": list(coordinators), "credentials": str(out / "credentials")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crowdfl-edge", description="The crowdfl MEC edge server.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default: INFO)")
@@ -74,7 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     reg = sub.add_parser("register-device", help="accept feature batches from a device")
     reg.add_argument("node_id", help="the device's node id: its Ed25519 public key, 64 hex characters")
     reg.add_argument("enc_key", help="the device's X25519 public key, 64 hex characters")
-    add_config_option(p, [run_cmd, provision_cmd, status_cmd, reg], "TOML file (CROWDFL_EDGE__* variables override it)")
+    bc = sub.add_parser("broker-config", help="write the mosquitto configuration for this edge's registered devices")
+    bc.add_argument("--out", required=True, help="folder for mosquitto.conf, acl, passwd and credentials/<user>.password")
+    bc.add_argument("--port", type=int, default=8883, help="TLS listener with user name + password (default 8883)")
+    bc.add_argument("--mtls-port", type=int, default=8884, help="TLS listener with client certificates, CN = user name (0: none)")
+    bc.add_argument("--bind", default="", help="address to listen on (default: every interface)")
+    bc.add_argument("--cafile", default="/etc/mosquitto/certs/ca.crt", help="CA of the server and client certificates (default /etc/mosquitto/certs/ca.crt)")
+    bc.add_argument("--certfile", default="/etc/mosquitto/certs/server.crt", help="the broker's TLS certificate (default /etc/mosquitto/certs/server.crt)")
+    bc.add_argument("--keyfile", default="/etc/mosquitto/certs/server.key", help="the broker's TLS key (default /etc/mosquitto/certs/server.key)")
+    bc.add_argument("--message-size-limit", type=int, default=1024 * 1024, help="largest PUBLISH payload in bytes (default 1048576)")
+    bc.add_argument("--persistence-dir", default="/var/lib/mosquitto", help="retained messages and sessions ('' for none)")
+    bc.add_argument("--run-as", default="mosquitto", help="user mosquitto drops to when started as root (it must read passwd and acl)")
+    add_config_option(p, [run_cmd, provision_cmd, status_cmd, reg, bc], "TOML file (CROWDFL_EDGE__* variables override it)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -88,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             store.register_devices([(_hex32(args.node_id, "node_id"), _hex32(args.enc_key, "enc_key"))])
             store.close()
             print(f"device {args.node_id[:16]} registered")
+        elif args.command == "broker-config":
+            print(json.dumps(broker_config(cfg, args), indent=2))
         elif args.command == "status":
             store = EdgeStore(cfg.db_url)
             print(json.dumps({"devices": len(store.active_devices()), **store.counts(), "rejections": store.rejection_counts()}, indent=2))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from crowdfl.config import load_config
 from crowdfl.mqtt import MqttSettings
+from crowdfl.secrets import resolve_secret
 from crowdfl.serving import HttpLimits
 
 
@@ -39,6 +40,7 @@ class HttpSettings:
 class EdgeConfig:
     state_dir: Path = Path("/var/lib/crowdfl-edge")
     database_url: str = ""  # empty: SQLite file in state_dir; or postgresql+psycopg://...
+    database_url_file: Path | None = None  # the URL (with its password) from a 0600 file, else the credential "database-url"
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -60,7 +62,8 @@ class EdgeConfig:
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.state_dir / 'edge.sqlite'}"
+        url = resolve_secret(self.database_url, self.database_url_file, "database_url", "database-url")
+        return url or f"sqlite:///{self.state_dir / 'edge.sqlite'}"
 
 
 def load(path: Path | None) -> EdgeConfig:

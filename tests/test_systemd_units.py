@@ -70,7 +70,9 @@ def test_unit_declares_the_hardening_it_promises(role: str) -> None:
         assert len(svc[key]) == 1, f"{key}: {svc[key]}"
         return svc[key][0]
 
-    config = f"/etc/crowdfl/{role}.toml"
+    # The servers' configs (which may hold secrets) sit in a root-only /etc/crowdfl and reach the
+    # service as a systemd credential; the agent's holds no secret (its MQTT password is a credential).
+    config = f"/etc/crowdfl/{role}.toml" if role == "agent" else f"%d/{role}.toml"
     assert (
         one("ExecStart")
         == f"/opt/crowdfl/venv/bin/crowdfl-{role} --config {config} {'serve' if role == 'coordinator' else 'run'}"
@@ -79,6 +81,13 @@ def test_unit_declares_the_hardening_it_promises(role: str) -> None:
     assert one("DynamicUser") == "yes"
     assert one("StateDirectory") == f"crowdfl-{role}"
     assert one("ConfigurationDirectory") == "crowdfl"
+    if role != "agent":
+        assert one("ConfigurationDirectoryMode") == "0700"
+        creds = dict(c.split(":", 1) for c in svc["LoadCredential"])
+        assert creds[f"{role}.toml"] == f"/etc/crowdfl/{role}.toml"
+        secrets = {"coordinator": {"admin-token", "database-url", "chain-key", "mqtt-password"}, "edge": {"database-url", "mqtt-password"}}[role]
+        # optional secrets: credential names searched in /etc/credstore (no absolute path that must exist)
+        assert {k for k, v in creds.items() if not v.startswith("/")} == secrets
     for key, value in {
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",

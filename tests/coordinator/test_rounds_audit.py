@@ -227,8 +227,9 @@ def test_prometheus_metrics_follow_intake_rounds_and_anchoring(world) -> None:  
     client.post("/api/v1/updates", data=b"junk", content_type="application/octet-stream")
     coord.close_round(spec.task_id, 1)
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'crowdfl_coordinator_intake_total{status="received",reason=""} 4' in text
-    assert 'crowdfl_coordinator_intake_total{status="rejected",reason="truncated"} 1' in text
+    # prometheus-client writes labels in name order and values as floats ("4.0")
+    assert 'crowdfl_coordinator_intake_total{reason="",status="received"} 4' in text
+    assert 'crowdfl_coordinator_intake_total{reason="truncated",status="rejected"} 1' in text
     assert "crowdfl_coordinator_anchor_queue 1" in text and 'crowdfl_coordinator_rounds{status="closed"} 1' in text
     coord.anchor_pending()
     text = client.get("/metrics").get_data(as_text=True)

@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from tests.support.realparts import require_real_part
 K = len(DEVICE_KINDS)
 HEADER = "date_time,Global_active_power,Global_reactive_power,Voltage,Global_intensity,Sub_metering_1,Sub_metering_2,Sub_metering_3"
 UCI_HEADER = "Date;Time;Global_active_power;Global_reactive_power;Voltage;Global_intensity;Sub_metering_1;Sub_metering_2;Sub_metering_3"
-FIRST = datetime(2007, 3, 1, 0, 0, tzinfo=UTC)  # a Thursday
+FIRST = datetime(2007, 3, 1, 0, 0, tzinfo=timezone.utc)  # a Thursday
 ZERO_KINDS = ("dishwasher", "kettle", "media", "lighting", "ev_charger")
 
 
@@ -215,14 +215,14 @@ def test_not_installed_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
 @settings(max_examples=40, deadline=None)
 @given(hours=st.integers(0, 2000), first_hour=st.integers(0, 23), weeks=st.integers(1, 4))
 def test_split_cuts_whole_weeks_from_midnight(hours: int, first_hour: int, weeks: int) -> None:
-    start = datetime(2008, 5, 1, first_hour, tzinfo=UTC)
+    start = datetime(2008, 5, 1, first_hour, tzinfo=timezone.utc)
     hourly = np.arange(hours * K, dtype=np.float32).reshape(hours, K)
     spans = split_into_households(start, hourly, weeks)
     skip = (24 - first_hour) % 24
     assert len(spans) == max(0, (hours - skip) // (weeks * 168))
     assert len({s.household_id for s in spans}) == len(spans)
     for i, span in enumerate(spans):
-        assert span.start.hour == 0 and span.start.tzinfo == UTC
+        assert span.start.hour == 0 and span.start.tzinfo == timezone.utc
         assert span.hourly.shape == (weeks * 168, K)
         offset = skip + i * weeks * 168
         assert span.start == start + timedelta(hours=offset)
@@ -257,7 +257,7 @@ def real_csv() -> Path:
 @pytest.mark.realpart
 def test_real_file_first_months() -> None:
     start, hourly = load_uci_household(real_csv(), max_rows=200_000)
-    assert start == datetime(2006, 12, 16, 17, tzinfo=UTC)
+    assert start == datetime(2006, 12, 16, 17, tzinfo=timezone.utc)
     assert hourly.shape == (3334, K)
     assert np.isfinite(hourly).all() and (hourly >= 0).all()
     daily_kwh = hourly.sum() / hourly.shape[0] * 24 / 1000
@@ -277,7 +277,7 @@ def test_real_file_whole() -> None:
     start, hourly = load_uci_household(real_csv())
     print(f"UCI household: {hourly.shape[0]} hours loaded in {time.perf_counter() - t:.1f} s")
     assert hourly.shape == (34588, K)
-    assert start == datetime(2006, 12, 16, 17, tzinfo=UTC)
+    assert start == datetime(2006, 12, 16, 17, tzinfo=timezone.utc)
     night = hourly.reshape(-1, K)[(np.arange(hourly.shape[0]) + 17) % 24 == 4].sum(axis=1).mean()
     evening = hourly.reshape(-1, K)[(np.arange(hourly.shape[0]) + 17) % 24 == 20].sum(axis=1).mean()
     assert evening > 2 * night

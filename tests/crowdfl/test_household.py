@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ from crowdfl.household import (
     usage_matrix,
 )
 
-SPRING = datetime(2024, 3, 4, tzinfo=UTC)  # a Monday; mild, so heating does not swamp the rest
+SPRING = datetime(2024, 3, 4, tzinfo=timezone.utc)  # a Monday; mild, so heating does not swamp the rest
 K = len(DEVICE_KINDS)
 FRIDGE, WASH, CLIMATE, EV, OTHER = (
     KIND_INDEX[k] for k in ("fridge", "washing_machine", "heating_or_ac", "ev_charger", "other")
@@ -160,7 +160,7 @@ def test_generate_households_is_deterministic_and_prefix_stable() -> None:
 
 
 def test_ten_households_sixty_days_quarter_hourly_is_fast() -> None:
-    start = datetime(2024, 10, 1, tzinfo=UTC)
+    start = datetime(2024, 10, 1, tzinfo=timezone.utc)
     best = min(_timed(lambda: generate_households(10, 5, start, 60, 900)) for _ in range(3))
     print(f"10 households x 60 days @ 15 min: {best * 1000:.0f} ms")
     assert best < 1.0
@@ -279,7 +279,7 @@ def heated_households(seed: int, n: int) -> list[HouseholdProfile]:
 
 
 def test_heating_follows_outdoor_temperature_and_season() -> None:
-    autumn = datetime(2024, 9, 1, tzinfo=UTC)
+    autumn = datetime(2024, 9, 1, tzinfo=timezone.utc)
     for i, p in enumerate(heated_households(6, 5)):
         trace = simulate_usage(p, autumn, 120 * 24, 3600, np.random.default_rng(i))
         heat = trace.matrix[:, CLIMATE].reshape(120, 24).sum(axis=1)
@@ -290,8 +290,8 @@ def test_heating_follows_outdoor_temperature_and_season() -> None:
 
 
 def test_outdoor_temperature_is_seasonal_and_diurnal() -> None:
-    jan = datetime(2024, 1, 15, tzinfo=UTC).timestamp() + np.arange(24 * 14) * 3600
-    jul = datetime(2024, 7, 15, tzinfo=UTC).timestamp() + np.arange(24 * 14) * 3600
+    jan = datetime(2024, 1, 15, tzinfo=timezone.utc).timestamp() + np.arange(24 * 14) * 3600
+    jul = datetime(2024, 7, 15, tzinfo=timezone.utc).timestamp() + np.arange(24 * 14) * 3600
     assert outdoor_temperature_c(jul).mean() > outdoor_temperature_c(jan).mean() + 12
     day = outdoor_temperature_c(jan).reshape(14, 24)
     assert (day[:, 14:16].mean(axis=1) > day[:, 3:5].mean(axis=1)).all()
@@ -308,8 +308,8 @@ def test_air_conditioning_runs_in_summer_only() -> None:
         away_spells_per_year=0.0,
     )
     p = with_device(p, CLIMATE, 2000.0)
-    july = usage_matrix(p, datetime(2024, 7, 1, tzinfo=UTC), 31 * 24, 3600, rng)[:, CLIMATE]
-    january = usage_matrix(p, datetime(2024, 1, 1, tzinfo=UTC), 31 * 24, 3600, rng)[:, CLIMATE]
+    july = usage_matrix(p, datetime(2024, 7, 1, tzinfo=timezone.utc), 31 * 24, 3600, rng)[:, CLIMATE]
+    january = usage_matrix(p, datetime(2024, 1, 1, tzinfo=timezone.utc), 31 * 24, 3600, rng)[:, CLIMATE]
     assert july.sum() > 1000 and january.sum() == 0
 
 
@@ -351,7 +351,7 @@ def test_guests_raise_consumption() -> None:
 @given(seed=SEEDS, interval_s=st.sampled_from([60, 300, 900, 1800, 3600]), hours=st.integers(1, 30))
 def test_plug_reports_reproduce_the_hourly_matrix(seed: int, interval_s: int, hours: int) -> None:
     profile, rng = profile_for(seed)
-    start = datetime(2024, 2, 1, 6, tzinfo=UTC)
+    start = datetime(2024, 2, 1, 6, tzinfo=timezone.utc)
     intervals = hours * 3600 // interval_s
     m = usage_matrix(profile, start, intervals, interval_s, rng)
     reports = plug_reports(profile, m, start, interval_s)
@@ -407,7 +407,7 @@ def test_to_hourly_rejects_partial_hours() -> None:
 def test_class_edges_are_roughly_balanced_over_a_year() -> None:
     y = []
     for month in (1, 4, 7, 10):
-        start = datetime(2023, month, 1, tzinfo=UTC)
+        start = datetime(2023, month, 1, tzinfo=timezone.utc)
         for p, m in generate_households(30, month, start, 14):
             y.append(windows(m, start, p.utc_offset_h)[1])
     share = np.bincount(np.searchsorted(DEFAULT_CLASS_EDGES_WH, np.concatenate(y), side="right"), minlength=4)
@@ -418,7 +418,7 @@ def test_class_edges_are_roughly_balanced_over_a_year() -> None:
 def test_next_six_hours_class_is_learnable_but_not_trivial() -> None:
     """Least squares on log energies, cross-validated over households it never saw, beats the
     majority class by a wide margin yet stays far from perfect."""
-    start = datetime(2023, 10, 1, tzinfo=UTC)
+    start = datetime(2023, 10, 1, tzinfo=timezone.utc)
     data = [windows(m, start, p.utc_offset_h) for p, m in generate_households(40, 9, start, 21)]
     hits, majority_hits = [], []
     for fold in range(4):
@@ -447,7 +447,7 @@ def test_next_six_hours_class_is_learnable_but_not_trivial() -> None:
 @given(seed=SEEDS, cuts=st.lists(st.integers(1, 700), min_size=1, max_size=6), offset=st.integers(0, 2000))
 def test_timeline_windows_join_up_however_they_are_cut(seed: int, cuts: list[int], offset: int) -> None:
     profile, _ = profile_for(seed)
-    start = datetime(2024, 2, 1, tzinfo=UTC) + timedelta(minutes=15 * offset)
+    start = datetime(2024, 2, 1, tzinfo=timezone.utc) + timedelta(minutes=15 * offset)
     whole = timeline_usage(profile, seed, start, sum(cuts), 900)
     pieces, at = [], start
     for n in cuts:
@@ -459,7 +459,7 @@ def test_timeline_windows_join_up_however_they_are_cut(seed: int, cuts: list[int
 
 def test_timeline_is_the_same_at_every_resolution() -> None:
     profile, _ = profile_for(21)
-    start = datetime(2024, 5, 6, 3, tzinfo=UTC)
+    start = datetime(2024, 5, 6, 3, tzinfo=timezone.utc)
     quarter = timeline_usage(profile, 4, start, 4 * 24 * 10, 900)
     hourly = timeline_usage(profile, 4, start, 24 * 10, 3600)
     assert np.allclose(to_hourly(quarter, 900), hourly, rtol=1e-4, atol=1e-3)
@@ -467,7 +467,7 @@ def test_timeline_is_the_same_at_every_resolution() -> None:
 
 def test_timeline_looks_like_the_household() -> None:
     profile, rng = profile_for(22, away_spells_per_year=0.0)
-    start = datetime(2024, 3, 4, tzinfo=UTC)
+    start = datetime(2024, 3, 4, tzinfo=timezone.utc)
     direct = usage_matrix(profile, start, 28 * 24, 3600, rng)
     stitched = timeline_usage(profile, 3, start, 28 * 24, 3600)
     assert not np.array_equal(direct, stitched)

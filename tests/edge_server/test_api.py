@@ -37,7 +37,8 @@ def parse_exposition(text: str) -> dict[str, dict[str, float]]:
         m = _SAMPLE.match(line)
         assert m, f"not an exposition sample: {line!r}"
         name, labels, value = m.group(1), m.group(2) or "", m.group(4)
-        base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in families else name
+        # a counter family is declared without its _total suffix (OpenMetrics style, as prometheus-client writes it)
+        base = re.sub(r"_(bucket|sum|count|total)$", "", name) if name not in families else name
         assert base in families, f"sample {name} has no TYPE line"
         if families[base] == "counter":
             assert name.endswith("_total")
