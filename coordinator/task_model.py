@@ -41,7 +41,7 @@ class TaskDesign:
     window_hours: int = 24
     horizon_hours: int = 6
     feature_dim: int = 8
-    hidden_units: int = 32
+    hidden_units: int = 48  # >= feature_dim x (classes + 1): room for the edge's class-statistics head
     samples_per_round: int = 128
     local_epochs: int = 5
     learning_rate: float = 0.005

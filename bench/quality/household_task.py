@@ -32,6 +32,7 @@ class HouseholdSetup:
     samples_per_round: int = 96
     validation_households: int = 8
     test_households: int = 12
+    hidden_units: int = 48  # room for the edge's class-statistics head: feature_dim x (classes + 1)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def design(epsilon: float, setup: HouseholdSetup, seed: int) -> Design:
     t0 = time.perf_counter()
     eps = float(epsilon)
     d = design_task(
-        TaskDesign(rounds=setup.rounds, epsilon=eps, samples_per_round=setup.samples_per_round, seed=seed + 7),
+        TaskDesign(rounds=setup.rounds, epsilon=eps, samples_per_round=setup.samples_per_round, seed=seed + 7, hidden_units=setup.hidden_units),
         START,
         now=0.0,
     )

@@ -131,23 +131,36 @@ def _quiet() -> None:
 
 
 def run_trainer_check(plan: Plan, design: Any, pool: Any, test: Any, res: Results, log: Any) -> None:
-    """The numpy mirror against the edge's own TensorFlow trainer, same rounds, same data."""
-    from .fasttrain import train_keras, train_numpy
+    """The edge's TensorFlow trainer against its numpy mirror (same rounds, same data), and both
+    against the trainer the edge used before (`fasttrain.train_keras_legacy`), timed in this run."""
+    from .fasttrain import KerasTrainers, train_keras_legacy, train_numpy
     from .federation import FedConfig, Pool, run_federation
 
     sub = Pool(pool.ids[: plan.check_customers], pool.features[: plan.check_customers], pool.labels[: plan.check_customers])
     cfg = FedConfig(plan.check_rounds, plan.samples_per_round)
     out: dict[str, Any] = {"customers": len(sub.ids), "rounds": plan.check_rounds}
-    for name, trainer in (("keras", train_keras), ("numpy", train_numpy)):
+    keras_trainer = KerasTrainers()
+    keras_trainer(design.initial, _one_customer(sub), design.spec, 0)  # build and trace once per task, as the edge does
+    for name, trainer in (("keras", keras_trainer), ("numpy", train_numpy), ("keras_legacy", train_keras_legacy)):
         t0 = time.perf_counter()
         run = run_federation(design.spec, design.initial, sub, test, cfg, trainer, plan.seed)
         out[name] = {"accuracy": run.accuracy, "seconds": time.perf_counter() - t0}
     calls = len(sub.ids) * plan.check_rounds
-    out["seconds_per_training"] = {k: out[k]["seconds"] / calls for k in ("keras", "numpy")}
+    out["seconds_per_training"] = {k: out[k]["seconds"] / calls for k in ("keras", "numpy", "keras_legacy")}
+    out["speedup_vs_legacy"] = out["seconds_per_training"]["keras_legacy"] / out["seconds_per_training"]["keras"]
     out["max_abs_accuracy_gap"] = float(np.max(np.abs(np.subtract(out["keras"]["accuracy"], out["numpy"]["accuracy"]))))
     res.trainer_check = out
-    log(f"trainer check: keras {out['keras']['accuracy']} vs numpy {out['numpy']['accuracy']} "
-        f"({out['seconds_per_training']['keras']:.2f} s vs {out['seconds_per_training']['numpy'] * 1000:.1f} ms per training)")
+    sp = out["seconds_per_training"]
+    log(f"trainer check: keras {out['keras']['accuracy']} vs numpy {out['numpy']['accuracy']} vs legacy {out['keras_legacy']['accuracy']} "
+        f"({sp['keras'] * 1000:.1f} ms vs {sp['numpy'] * 1000:.1f} ms vs legacy {sp['keras_legacy'] * 1000:.0f} ms per training, "
+        f"{out['speedup_vs_legacy']:.0f}x faster)")
+
+
+def _one_customer(pool: Any) -> Any:
+    from edge_server.store import CustomerData
+
+    n = len(pool.labels[0])
+    return CustomerData(np.arange(n, dtype=np.uint64), pool.features[0], pool.labels[0])
 
 
 def run_digits(plan: Plan, res: Results, log: Any) -> None:
