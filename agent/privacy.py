@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -43,12 +44,111 @@ from crowdfl.messages import TaskSpec
 from crowdfl.task import laplace_scale, prepare_features, sensitivity  # noqa: F401 (re-exported)
 
 
+HOURS_PER_DAY = 24
+
+
+@dataclass(frozen=True)
+class HourCaps:
+    """The owner's caps on the budget spent on one hour and on one (UTC calendar) day of the usage
+    log, over every released window and label of every task. 0 means no cap (still accounted)."""
+
+    per_hour: float = 0.0
+    per_day: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, v in (("per_hour", self.per_hour), ("per_day", self.per_day)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} cap must be a finite number >= 0 (0: no cap), got {v}")
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Epsilon spent per unix hour and per unix day (hour // 24) of the usage log."""
+
+    hours: dict[int, float]
+    days: dict[int, float]
+
+    def plus(self, other: Spend) -> Spend:
+        return Spend(_add(self.hours, other.hours), _add(self.days, other.days))
+
+
+def _add(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def sample_spend(sample_id: int, spec: TaskSpec) -> Spend:
+    """What releasing one sample spends: its features depend on the ``window_hours`` hours before
+    the id (the window's end, see ``crowdfl.task``), its label on the ``horizon_hours`` after it.
+
+    Per hour: epsilon on each window hour, label_epsilon on each horizon hour (sequential
+    composition). Per day: the sample's epsilon once for each day its window touches, its
+    label_epsilon once for each day its horizon touches -- a day's usage is one input to each of
+    those two mechanisms, however many of its hours they read.
+    """
+    end = int(sample_id)
+    window = range(end - spec.window_hours, end)
+    hours = dict.fromkeys(window, float(spec.epsilon))
+    days = dict.fromkeys({t // HOURS_PER_DAY for t in window}, float(spec.epsilon))
+    if spec.label_epsilon > 0:
+        horizon = range(end, end + spec.horizon_hours)
+        hours = _add(hours, dict.fromkeys(horizon, float(spec.label_epsilon)))
+        days = _add(days, dict.fromkeys({t // HOURS_PER_DAY for t in horizon}, float(spec.label_epsilon)))
+    return Spend(hours, days)
+
+
+def release_spend(sample_ids: Iterable[int], spec: TaskSpec) -> Spend:
+    total = Spend({}, {})
+    for sid in sample_ids:
+        total = total.plus(sample_spend(int(sid), spec))
+    return total
+
+
+def over_caps(spent: Spend, extra: Spend, caps: HourCaps) -> str | None:
+    """Why adding ``extra`` to ``spent`` would exceed the caps, or None if it fits."""
+    tol = 1e-9
+    if caps.per_hour > 0:
+        for h, e in extra.hours.items():
+            if spent.hours.get(h, 0.0) + e > caps.per_hour + tol:
+                return f"hour {h} would carry epsilon {spent.hours.get(h, 0.0) + e:g} (cap {caps.per_hour:g} per hour)"
+    if caps.per_day > 0:
+        for d, e in extra.days.items():
+            if spent.days.get(d, 0.0) + e > caps.per_day + tol:
+                return f"day {d} would carry epsilon {spent.days.get(d, 0.0) + e:g} (cap {caps.per_day:g} per day)"
+    return None
+
+
+def select_within_caps(candidates: Sequence[int], spec: TaskSpec, spent: Spend, caps: HourCaps, limit: int) -> list[int]:
+    """Greedily, in the given order, the candidates whose release keeps every hour and day within
+    the caps (given what is already spent and what the earlier picks spend)."""
+    chosen: list[int] = []
+    acc = spent
+    for sid in candidates:
+        if len(chosen) >= limit:
+            break
+        extra = sample_spend(int(sid), spec)
+        if over_caps(acc, extra, caps) is None:
+            chosen.append(int(sid))
+            acc = acc.plus(extra)
+    return chosen
+
+
+def releasable(sample_ids: np.ndarray, spec: TaskSpec) -> np.ndarray:
+    """The sample ids on the task's stride: windows ending on multiples of ``window_stride_hours``
+    (aligned to the clock, so rounds never overlap each other's windows when stride >= window)."""
+    stride = int(spec.window_stride_hours)
+    return sample_ids[(sample_ids.astype(np.int64) % stride) == 0]
+
+
 @dataclass(frozen=True)
 class PrivacyPolicy:
     """The device owner's limits, from the agent's config."""
 
     max_epsilon: float = 8.0  # largest per-sample epsilon (features + labels) the owner accepts
     require_label_privacy: bool = False
+    caps: HourCaps = HourCaps()  # per hour and per day of the usage log, across every release
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.max_epsilon) and self.max_epsilon > 0):
@@ -69,6 +169,14 @@ class PrivacyPolicy:
             raise PrivacyError("bad_epsilon", f"task {spec.task_id[:12]} asks for label epsilon {spec.label_epsilon}")
         if self.require_label_privacy and spec.label_epsilon == 0:
             raise PrivacyError("labels_in_clear", "this device requires label privacy and the task sends labels as is")
+        if self.caps.per_hour > 0 and max(spec.epsilon, spec.label_epsilon) > self.caps.per_hour:
+            raise PrivacyError(
+                "epsilon_too_large",
+                f"task {spec.task_id[:12]} spends {max(spec.epsilon, spec.label_epsilon):g} on an hour with a single sample; "
+                f"this device allows {self.caps.per_hour:g} per hour (privacy.max_epsilon_per_hour)",
+            )
+        if spec.window_stride_hours < 1:
+            raise PrivacyError("bad_stride", f"window stride must be >= 1 hour, got {spec.window_stride_hours}")
         if spec.epsilon + spec.label_epsilon > self.max_epsilon:
             raise PrivacyError(
                 "epsilon_too_large",
