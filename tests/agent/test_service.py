@@ -143,6 +143,9 @@ def test_metrics_endpoint_reports_budget_and_spool(tmp_path: Path, designed_task
         assert f"crowdfl_agent_samples_released {n}" in text
         assert "crowdfl_agent_spool_pending 1" in text and "crowdfl_agent_mqtt_connected 0" in text
         assert f'crowdfl_agent_epsilon_spent{{task="{designed_task.spec.task_id[:16]}"}} {n * designed_task.spec.epsilon:g}' in text
+        per_hour = agent.state.hour_budget().max_epsilon_per_hour
+        assert per_hour >= designed_task.spec.epsilon  # at least one window on every hour it read
+        assert f"crowdfl_agent_epsilon_max_per_hour {per_hour:g}" in text
     finally:
         server.stop()
         close(agent)
