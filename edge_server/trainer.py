@@ -32,6 +32,16 @@ task's Dense-ReLU-Dense layers:
   pooled nearest-class-mean rule (a shift s > 0 keeps the units' input positive through the ReLU;
   -d s^2 / 2 is the same for every class).
 
+The class-mean rule assumes classes share an isotropic spread, which real features do not. So the
+head is then fine-tuned from that initialisation by ``FINETUNE_STEPS`` full-batch Adam steps on the
+customer's released samples (the whole batch: the gradient's noise is averaged over every sample,
+not a mini-batch), regularised towards the statistics head with a weight proportional to the
+known noise variance 2b^2 ("L2-SP", Li, Grandvalet & Davoine 2018, "Explicit inductive bias for
+transfer learning"): at small epsilon the statistics dominate, without noise the data do. The
+product units stay frozen so the aggregate's class-mean bias stays exact. Measured on digits over
+5 seeds at epsilon 2 (bench/quality): the statistics head alone 0.763 mean, with this fine-tuning
+0.776 and the smallest spread, Adam from scratch 0.727.
+
 It needs ``hidden_units >= feature_dim * (num_classes + 1)``. A task with fewer hidden units gets
 the previous procedure (Adam on the noisy features from the round's global model), on a model
 built once per task. The model and its ``tf.function`` are built once per task
@@ -56,6 +66,12 @@ from crowdfl.messages import TaskSpec
 from crowdfl.task import laplace_scale
 
 from .store import CustomerData
+
+
+FINETUNE_STEPS = 50
+FINETUNE_LR = 0.005
+FINETUNE_PULL = 0.1  # L2-SP weight per unit of noise variance 2 b^2
+BETA_1, BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # Keras Adam defaults
 
 
 @dataclass(frozen=True)
@@ -87,21 +103,39 @@ def product_shift(spec: TaskSpec) -> float:
     return 1.0 + 4.0 * math.sqrt(2.0) * b
 
 
+def finetune_pull(spec: TaskSpec) -> float:
+    """The L2-SP weight towards the statistics head: proportional to the noise variance 2 b^2."""
+    b = laplace_scale(spec.epsilon, spec.clip_l1, spec.feature_dim) if math.isfinite(spec.epsilon) else 0.0
+    return FINETUNE_PULL * 2.0 * b * b
+
+
+def finetune_masks(spec: TaskSpec) -> list[np.ndarray]:
+    """1 where fine-tuning may move a weight, 0 on the frozen product units."""
+    d, h, c = spec.feature_dim, spec.hidden_units, spec.num_classes
+    keep = np.ones(h, np.float32)
+    keep[d : d + c * d] = 0.0
+    return [np.broadcast_to(keep, (d, h)).copy(), keep, np.broadcast_to(keep[:, None], (h, c)).copy(), np.ones(c, np.float32)]
+
+
 def class_means_of(weights: Sequence[np.ndarray], spec: TaskSpec) -> np.ndarray | None:
-    """The class means a statistics-layout head carries (``W2[:d].T``), or None for another head."""
-    d = spec.feature_dim
+    """The class means a statistics-layout head carries in its (frozen) product units, or None for
+    a head of another layout. On an aggregate they are the average of the customers' means."""
+    d, c = spec.feature_dim, spec.num_classes
     if not statistics_head_fits(spec):
         return None
-    w1 = np.asarray(weights[0])
-    if not np.allclose(w1[:, :d], np.eye(d, dtype=np.float32), atol=1e-4) or np.abs(w1[:, d:]).max(initial=0.0) > 1e-4:
+    w1, b1 = np.asarray(weights[0]), np.asarray(weights[1], np.float64)
+    if np.abs(w1[:, d : d + c * d]).max(initial=0.0) > 1e-6:
         return None
-    return np.asarray(weights[2], np.float64)[:d].T.copy()
+    means = b1[d : d + c * d].reshape(c, d) - product_shift(spec)
+    if not (means > -product_shift(spec)).all():
+        return None
+    return means
 
 
 class HeadTrainer:
     """The edge's trainer for one task: built once, then ``train`` per customer and round."""
 
-    def __init__(self, spec: TaskSpec) -> None:
+    def __init__(self, spec: TaskSpec, finetune_steps: int = FINETUNE_STEPS) -> None:
         import tensorflow as tf
 
         self.spec = spec
@@ -112,6 +146,9 @@ class HeadTrainer:
             eye_c = tf.constant(np.eye(c), tf.float64)
             w1 = tf.constant(np.eye(d, h), tf.float32)  # identity on the first d units, zero elsewhere
 
+            masks = [tf.constant(m) for m in finetune_masks(spec)]
+            pull = tf.constant(finetune_pull(spec), tf.float32)
+
             def fit(x: Any, y: Any, fallback: Any) -> Any:
                 xs = tf.cast(x, tf.float64)
                 counts = tf.math.unsorted_segment_sum(tf.ones_like(y, tf.float64), y, c)
@@ -120,11 +157,34 @@ class HeadTrainer:
                 b1 = tf.concat([tf.zeros([d], tf.float64), tf.reshape(mu + shift, [-1]), tf.zeros([h - d - c * d], tf.float64)], 0)
                 block = tf.reshape((-0.5 * (mu - shift))[:, :, None] * eye_c[:, None, :], [c * d, c])
                 w2 = tf.concat([tf.transpose(mu), block, tf.zeros([h - d - c * d, c], tf.float64)], 0)
-                w2, b1 = tf.cast(w2, tf.float32), tf.cast(b1, tf.float32)
-                b2 = tf.zeros([c], tf.float32)
-                logits = tf.nn.relu(x @ w1 + b1) @ w2 + b2
-                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
-                return w1, b1, w2, b2, loss
+                start = [w1, tf.cast(b1, tf.float32), tf.cast(w2, tf.float32), tf.zeros([c], tf.float32)]
+
+                def loss_of(ps: list[Any]) -> Any:
+                    logits = tf.nn.relu(x @ ps[0] + ps[1]) @ ps[2] + ps[3]
+                    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+
+                def step(t: Any, ps: list[Any], ms: list[Any], vs: list[Any]) -> Any:
+                    with tf.GradientTape() as tape:
+                        tape.watch(ps)
+                        loss = loss_of(ps)
+                    grads = tape.gradient(loss, ps)
+                    tf_t = tf.cast(t, tf.float32)
+                    alpha = FINETUNE_LR * tf.sqrt(1.0 - BETA_2**tf_t) / (1.0 - BETA_1**tf_t)
+                    new_p, new_m, new_v = [], [], []
+                    for p, p0, g, m, v, k in zip(ps, start, grads, ms, vs, masks, strict=True):
+                        g = (g + pull * (p - p0)) * k
+                        m = m + (g - m) * (1.0 - BETA_1)
+                        v = v + (g * g - v) * (1.0 - BETA_2)
+                        new_m.append(m)
+                        new_v.append(v)
+                        new_p.append(p - alpha * m / (tf.sqrt(v) + ADAM_EPSILON))
+                    return t + 1, new_p, new_m, new_v
+
+                zeros = [tf.zeros_like(p) for p in start]
+                _, ps, _, _ = tf.while_loop(
+                    lambda t, *_: t <= finetune_steps, step, (tf.constant(1), start, zeros, list(zeros))
+                )
+                return ps[0], ps[1], ps[2], ps[3], loss_of(ps)
 
             self._fit = tf.function(
                 fit,

@@ -19,7 +19,9 @@ import numpy as np
 from crowdfl.backmodel import check_back_weights
 from crowdfl.messages import TaskSpec
 from edge_server.store import CustomerData
-from edge_server.trainer import HeadTrainer, class_means_of, product_shift, statistics_head_fits
+from edge_server.trainer import (
+    FINETUNE_LR, FINETUNE_STEPS, HeadTrainer, class_means_of, finetune_masks, finetune_pull, product_shift, statistics_head_fits,
+)
 
 BATCH = 32  # as edge_server/trainer.py
 BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
@@ -51,7 +53,37 @@ def train_numpy(global_weights: Sequence[np.ndarray], data: CustomerData, spec: 
         rows = d + k * d + np.arange(d)
         b1[rows] = mu[k] + s
         w2[rows, k] = -0.5 * (mu[k] - s)
-    return [w1.astype(np.float32), b1.astype(np.float32), w2.astype(np.float32), np.zeros(c, np.float32)]
+    start = [w1.astype(np.float32), b1.astype(np.float32), w2.astype(np.float32), np.zeros(c, np.float32)]
+    return _finetune(start, np.asarray(data.features, np.float32), y, spec)
+
+
+def _finetune(start: list[np.ndarray], x: np.ndarray, y: np.ndarray, spec: TaskSpec) -> list[np.ndarray]:
+    """Full-batch Adam from the statistics head, pulled towards it, product units frozen."""
+    masks = finetune_masks(spec)
+    pull = np.float32(finetune_pull(spec))
+    params = [p.copy() for p in start]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    n = len(y)
+    for step in range(1, FINETUNE_STEPS + 1):
+        w1, b1, w2, b2 = params
+        pre = x @ w1 + b1
+        h = np.maximum(pre, 0.0)
+        logits = h @ w2 + b2
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(n), y] -= 1.0
+        g_logits = p / n
+        g_h = (g_logits @ w2.T) * (pre > 0)
+        grads = (x.T @ g_h, g_h.sum(axis=0), h.T @ g_logits, g_logits.sum(axis=0))
+        alpha = np.float32(FINETUNE_LR * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step))
+        for i, g in enumerate(grads):
+            g = ((g + pull * (params[i] - start[i])) * masks[i]).astype(np.float32)
+            m[i] += (g - m[i]) * np.float32(1 - BETA_1)
+            v[i] += (g * g - v[i]) * np.float32(1 - BETA_2)
+            params[i] = (params[i] - alpha * m[i] / (np.sqrt(v[i]) + np.float32(EPSILON))).astype(np.float32)
+    return params
 
 
 def train_numpy_sgd(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:

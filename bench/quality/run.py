@@ -62,6 +62,9 @@ class Plan:
     check_customers: int
     shadow_homes: int
     victim_homes: int
+    seeds: tuple[int, ...] = ()  # the seed study: digits (paper front) and household, per seed, new vs legacy trainer
+    seed_digits_epsilons: tuple[float, ...] = (2.0, 5.0)
+    seed_household_epsilons: tuple[float, ...] = (1.0, 2.0, 4.0)
 
     @staticmethod
     def make(quick: bool, seed: int) -> Plan:
@@ -77,6 +80,7 @@ class Plan:
                 attacks=(Attack.SCALE.value,), rules=("fedavg", "multi_krum"), reputation=(False,),
                 customers=12, rounds=5, samples_per_round=96, check_rounds=1, check_customers=4,
                 shadow_homes=30, victim_homes=30,
+                seeds=(seed,), seed_digits_epsilons=(2.0,), seed_household_epsilons=(4.0,),
             )
         return Plan(
             quick=False, seed=seed,
@@ -88,6 +92,7 @@ class Plan:
             attack_fractions=(0.1, 0.2, 0.3), attacks=tuple(a.value for a in Attack if a is not Attack.NONE),
             rules=tuple(c[0] for c in RULE_CONFIGS), reputation=(False, True), customers=20, rounds=8, samples_per_round=96,
             check_rounds=2, check_customers=20, shadow_homes=80, victim_homes=80,
+            seeds=tuple(range(seed, seed + 5)),
         )
 
 
@@ -100,6 +105,7 @@ class Results:
     household: dict[str, Any] = field(default_factory=dict)
     attacks: dict[str, Any] = field(default_factory=dict)
     inference: list[dict[str, Any]] = field(default_factory=list)
+    seeds: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -329,6 +335,68 @@ def run_inference(plan: Plan, designs: dict[float, Any], res: Results, log: Any)
             f"AUC EV {r.auc_ev:.3f} dishwasher {r.auc_dishwasher:.3f}")
 
 
+def run_seeds(plan: Plan, res: Results, log: Any) -> None:
+    """The issue-14 targets over several seeds: per seed a new split, front design and customers.
+
+    Digits (paper front, the head of `DigitsSetup` widened to 128 units so the class-statistics
+    head fits): the edge's trainer against the nearest-class-mean reference on the same releases
+    and against the legacy trainer's procedure (`train_numpy_sgd`, the head the bench picked before:
+    128 units, 0.002, 10 epochs). Household: federated vs training alone vs the central noiseless
+    ceiling, per epsilon.
+    """
+    from crowdfl.backmodel import accuracy, initial_back_weights
+    from edge_server.store import CustomerData
+
+    from . import digits as dg
+    from . import household_task as hh
+    from .fasttrain import train_numpy, train_numpy_sgd
+    from .federation import FedConfig, run_federation
+
+    out: dict[str, Any] = {"seeds": list(plan.seeds), "digits": [], "household": []}
+    setup = dg.DigitsSetup(rounds=plan.digits_rounds, pretrain_epochs=plan.digits_pretrain_epochs)
+    for seed in plan.seeds:
+        split = dg.load_split(setup, seed)
+        for f in dg.design_fronts("paper", plan.seed_digits_epsilons, setup, split, seed):
+            pool = dg.customer_pool(f, split, setup, seed)
+            test = (dg.clean_features(f, split.test[0]), split.test[1])
+            spr = -(-max(len(lab) for lab in pool.labels) // setup.rounds)
+            spec = replace(f.spec, hidden_units=128, learning_rate=0.002, local_epochs=10)
+            row: dict[str, Any] = {"seed": seed, "epsilon": _eps_key(f.epsilon), "nearest_mean": dg.nearest_mean_accuracy(pool, test)}
+            for name, trainer in (("edge", train_numpy), ("legacy", train_numpy_sgd)):
+                run = run_federation(spec, initial_back_weights(spec, seed), pool, test, FedConfig(setup.rounds, spr), trainer, seed)
+                row[name] = run.final
+            out["digits"].append(row)
+            log(f"seeds: digits seed {seed} eps {row['epsilon']}: edge {row['edge']:.3f}, legacy {row['legacy']:.3f}, "
+                f"nearest-mean {row['nearest_mean']:.3f}")
+        hs = hh.HouseholdSetup(customers=plan.customers, rounds=plan.rounds, samples_per_round=plan.samples_per_round)
+        ceiling: float | None = None
+        for eps in plan.seed_household_epsilons:
+            d = hh.design(eps, hs, seed)
+            cust = hh.homes(hs.customers, seed + 1, hs.history_days, d.spec)
+            test_h = hh.homes(hs.test_households, seed + 10_000, hs.history_days, d.spec)
+            pool = hh.noisy_pool(d, cust, seed, hs.rounds * hs.samples_per_round)
+            test = hh.evaluation_set(d, test_h)
+            cfg = FedConfig(hs.rounds, hs.samples_per_round)
+            row = {"seed": seed, "epsilon": _eps_key(eps)}
+            for name, trainer in (("edge", train_numpy), ("legacy", train_numpy_sgd)):
+                row[name] = run_federation(d.spec, d.initial, pool, test, cfg, trainer, seed).final
+            alone = []
+            for i in range(len(pool.ids)):
+                w = list(d.initial)
+                for rnd in range(1, hs.rounds + 1):
+                    n = min(rnd * hs.samples_per_round, len(pool.labels[i]))
+                    w = train_numpy(w, CustomerData(np.arange(n, dtype=np.uint64), pool.features[i][:n], pool.labels[i][:n]), d.spec, seed * 1000 + rnd)
+                alone.append(accuracy(w, *test))
+            row["alone_mean"] = float(np.mean(alone))
+            if ceiling is None:
+                ceiling = hh.central_ceiling(d, cust, test_h, seed)  # raw, noiseless: the same for every epsilon
+            row["ceiling_central_raw"] = ceiling
+            out["household"].append(row)
+            log(f"seeds: household seed {seed} eps {row['epsilon']}: edge {row['edge']:.3f}, legacy {row['legacy']:.3f}, "
+                f"alone {row['alone_mean']:.3f}, ceiling {ceiling:.3f}")
+    res.seeds = out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -357,6 +425,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import keras  # noqa: F401  (import TensorFlow once, up front, so the timings below exclude it)
 
     res.seconds["import"] = time.perf_counter() - t_all
+
+    def checkpoint() -> None:  # a long run keeps what it has measured so far
+        (out / "results.json").write_text(json.dumps(res.__dict__, indent=1, default=_json_default) + "\n")
+
+    t0 = time.perf_counter()
+    run_seeds(plan, res, log)
+    res.seconds["seeds"] = time.perf_counter() - t0
+    checkpoint()
     t0 = time.perf_counter()
     designs, (pool, test, val) = run_household(plan, res, log)
     res.seconds["household"] = time.perf_counter() - t0
@@ -364,12 +440,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     run_trainer_check(plan, d_attack, pool, test, res, log)
     res.seconds["trainer_check"] = time.perf_counter() - t0
+    checkpoint()
     t0 = time.perf_counter()
     run_attacks(plan, d_attack, pool, test, val, res, log)
     res.seconds["attacks"] = time.perf_counter() - t0
+    checkpoint()
     t0 = time.perf_counter()
     run_inference(plan, designs, res, log)
     res.seconds["inference"] = time.perf_counter() - t0
+    checkpoint()
     t0 = time.perf_counter()
     run_digits(plan, res, log)
     res.seconds["digits"] = time.perf_counter() - t0
