@@ -42,6 +42,12 @@ product units stay frozen so the aggregate's class-mean bias stays exact. Measur
 5 seeds at epsilon 2 (bench/quality): the statistics head alone 0.763 mean, with this fine-tuning
 0.776 and the smallest spread, Adam from scratch 0.727.
 
+Labels released with k-ary randomised response (``label_epsilon > 0``) pass through a known
+channel M (keep e^eps / (e^eps + k - 1), each other class 1 / (e^eps + k - 1)): the class sums and
+counts are un-mixed with M's inverse (unbiased, like the means), and the fine-tuning uses the
+forward-corrected loss -log (softmax(logits) M)_y (Patrini et al. 2017, "Making deep neural
+networks robust to label noise: a loss correction approach").
+
 It needs ``hidden_units >= feature_dim * (num_classes + 1)``. A task with fewer hidden units gets
 the previous procedure (Adam on the noisy features from the round's global model), on a model
 built once per task. The model and its ``tf.function`` are built once per task
@@ -103,10 +109,26 @@ def product_shift(spec: TaskSpec) -> float:
     return 1.0 + 4.0 * math.sqrt(2.0) * b
 
 
+def label_channel(spec: TaskSpec) -> tuple[float, float] | None:
+    """(keep, flip) probabilities of the task's k-ary randomised response, or None for clear labels:
+    a released label is the true one with probability keep, each other class with probability flip."""
+    if not spec.label_epsilon > 0:
+        return None
+    e = math.exp(spec.label_epsilon)
+    k = spec.num_classes
+    return e / (e + k - 1), 1.0 / (e + k - 1)
+
+
 def finetune_pull(spec: TaskSpec) -> float:
     """The L2-SP weight towards the statistics head: proportional to the noise variance 2 b^2."""
     b = laplace_scale(spec.epsilon, spec.clip_l1, spec.feature_dim) if math.isfinite(spec.epsilon) else 0.0
     return FINETUNE_PULL * 2.0 * b * b
+
+
+def _channel_matrix(spec: TaskSpec) -> np.ndarray:
+    keep, flip = label_channel(spec) or (1.0, 0.0)
+    c = spec.num_classes
+    return (np.full((c, c), flip) + np.eye(c) * (keep - flip)).astype(np.float32)
 
 
 def finetune_masks(spec: TaskSpec) -> list[np.ndarray]:
@@ -147,12 +169,19 @@ class HeadTrainer:
             w1 = tf.constant(np.eye(d, h), tf.float32)  # identity on the first d units, zero elsewhere
 
             masks = [tf.constant(m) for m in finetune_masks(spec)]
+            channel = label_channel(spec)
+            mix = tf.constant(_channel_matrix(spec), tf.float32) if channel is not None else None
             pull = tf.constant(finetune_pull(spec), tf.float32)
 
             def fit(x: Any, y: Any, fallback: Any) -> Any:
                 xs = tf.cast(x, tf.float64)
                 counts = tf.math.unsorted_segment_sum(tf.ones_like(y, tf.float64), y, c)
                 sums = tf.math.unsorted_segment_sum(xs, y, c)
+                if channel is not None:  # un-mix the randomised labels: E[noisy stats] = M (true stats)
+                    keep, flip = channel
+                    counts = (counts - flip * tf.reduce_sum(counts)) / (keep - flip)
+                    sums = (sums - flip * tf.reduce_sum(sums, axis=0, keepdims=True)) / (keep - flip)
+                    counts = tf.where(counts > 0.5, counts, tf.zeros_like(counts))
                 mu = tf.where(counts[:, None] > 0, sums / tf.maximum(counts, 1.0)[:, None], fallback)
                 b1 = tf.concat([tf.zeros([d], tf.float64), tf.reshape(mu + shift, [-1]), tf.zeros([h - d - c * d], tf.float64)], 0)
                 block = tf.reshape((-0.5 * (mu - shift))[:, :, None] * eye_c[:, None, :], [c * d, c])
@@ -161,7 +190,11 @@ class HeadTrainer:
 
                 def loss_of(ps: list[Any]) -> Any:
                     logits = tf.nn.relu(x @ ps[0] + ps[1]) @ ps[2] + ps[3]
-                    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+                    if channel is None:
+                        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+                    # forward loss correction for the known label channel (Patrini et al. 2017)
+                    noisy = tf.nn.softmax(logits) @ mix
+                    return -tf.reduce_mean(tf.math.log(tf.gather(noisy, y, batch_dims=1) + 1e-12))
 
                 def step(t: Any, ps: list[Any], ms: list[Any], vs: list[Any]) -> Any:
                     with tf.GradientTape() as tape:

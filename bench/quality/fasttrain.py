@@ -20,7 +20,8 @@ from crowdfl.backmodel import check_back_weights
 from crowdfl.messages import TaskSpec
 from edge_server.store import CustomerData
 from edge_server.trainer import (
-    FINETUNE_LR, FINETUNE_STEPS, HeadTrainer, class_means_of, finetune_masks, finetune_pull, product_shift, statistics_head_fits,
+    FINETUNE_LR, FINETUNE_STEPS, HeadTrainer, _channel_matrix, class_means_of, finetune_masks, finetune_pull, label_channel,
+    product_shift, statistics_head_fits,
 )
 
 BATCH = 32  # as edge_server/trainer.py
@@ -40,6 +41,12 @@ def train_numpy(global_weights: Sequence[np.ndarray], data: CustomerData, spec: 
     counts = np.bincount(y, minlength=c).astype(np.float64)
     sums = np.zeros((c, d))
     np.add.at(sums, y, x)
+    channel = label_channel(spec)
+    if channel is not None:  # un-mix the randomised labels, as the edge does
+        keep, flip = channel
+        counts = (counts - flip * counts.sum()) / (keep - flip)
+        sums = (sums - flip * sums.sum(axis=0, keepdims=True)) / (keep - flip)
+        counts = np.where(counts > 0.5, counts, 0.0)
     fallback = class_means_of(global_weights, spec)
     if fallback is None:
         fallback = np.broadcast_to(x.mean(axis=0), (c, d))
@@ -61,6 +68,7 @@ def _finetune(start: list[np.ndarray], x: np.ndarray, y: np.ndarray, spec: TaskS
     """Full-batch Adam from the statistics head, pulled towards it, product units frozen."""
     masks = finetune_masks(spec)
     pull = np.float32(finetune_pull(spec))
+    mix = _channel_matrix(spec) if label_channel(spec) is not None else None
     params = [p.copy() for p in start]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
@@ -73,8 +81,13 @@ def _finetune(start: list[np.ndarray], x: np.ndarray, y: np.ndarray, spec: TaskS
         logits = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
-        p[np.arange(n), y] -= 1.0
-        g_logits = p / n
+        if mix is None:
+            p[np.arange(n), y] -= 1.0
+            g_logits = p / n
+        else:  # d/dlogits of -log((p M)_y) = -p (M[:, y] - r) / r, r = (p M)_y
+            col = mix[:, y].T
+            r = (p * col).sum(axis=1, keepdims=True) + np.float32(1e-12)
+            g_logits = (-p * (col - r) / r / n).astype(np.float32)
         g_h = (g_logits @ w2.T) * (pre > 0)
         grads = (x.T @ g_h, g_h.sum(axis=0), h.T @ g_logits, g_logits.sum(axis=0))
         alpha = np.float32(FINETUNE_LR * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step))

@@ -44,7 +44,7 @@ def write_report(res: dict[str, Any], out: Path) -> str:
     add("Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("started", "cpus", "platform")) + f"; {env.get('platform', '')}.")
     add("")
     add("Everything runs the project's own code in one process (no broker, no chain): the int8 TFLite "
-        "front through `agent.front.FrontModel`, the device's normalisation and Laplace noise through "
+        "front through `agent.front.FrontModel`, the device's normalisation and discrete Laplace noise through "
         "`agent.privacy.privatise_features`, the household task designed by `coordinator.task_model.design_task`, "
         "aggregation by `coordinator.aggregation.aggregate` with `coordinator.rounds.rule_params` (the coordinator's "
         "defaults: byzantine fraction 0.2, trim β 0.1), reputation by `coordinator.reputation` "
@@ -157,8 +157,9 @@ def _trainer_section(res: dict[str, Any], add: Any) -> None:
     sp = tc["seconds_per_training"]
     add("## The edge's trainer, its numpy mirror and the trainer it replaced")
     add("")
-    add(f"`edge_server.trainer.HeadTrainer` is built once per task (one `tf.function`, traced once) and fits the "
-        f"class-statistics head in closed form from each customer's noisy class sums (why: the module's docstring). "
+    add(f"`edge_server.trainer.HeadTrainer` is built once per task (one `tf.function`, traced once); it fits the "
+        f"class-statistics head in closed form from each customer's noisy class sums, then fine-tunes it by full-batch "
+        f"Adam pulled towards it in proportion to the known noise variance (why: the module's docstring). "
         f"Per training here: **{sp['keras'] * 1000:.1f} ms**, against {sp['keras_legacy'] * 1000:.0f} ms for the trainer "
         f"it replaced (`bench.quality.fasttrain.train_keras_legacy`: a fresh Keras model per call and Adam on the noisy "
         f"features), timed in this run: {tc.get('speedup_vs_legacy', float('nan')):.0f}× faster. The sweeps below use "
@@ -189,7 +190,8 @@ def _seeds_section(res: dict[str, Any], add: Any) -> None:
     add(f"## Over seeds: the edge's trainer against the references ({len(sd['seeds'])} seeds: {', '.join(map(str, sd['seeds']))})")
     add("")
     add("Each seed draws a new split, a new front design, new customers and new noise. Cells: mean ± standard "
-        "deviation [min–max] over seeds. **edge**: the class-statistics head (`edge_server.trainer`); **legacy**: "
+        "deviation [min–max] over seeds. **edge**: the edge's trainer (`edge_server.trainer`: class-statistics head, "
+        "then noise-weighted fine-tuning); **legacy**: "
         "Adam on the noisy features, as the edge trained before (mirror `fasttrain.train_numpy_sgd`).")
     add("")
     if sd.get("digits"):
@@ -204,7 +206,7 @@ def _seeds_section(res: dict[str, Any], add: Any) -> None:
                 f"{ms([r['nearest_mean'] for r in rows])} | {gap * 100:+.1f} points |")
         add("")
     if sd.get("household"):
-        add("Household task (federated, 20 customers):")
+        add(f"Household task (federated, {res['plan']['customers']} customers, {res['plan']['rounds']} rounds):")
         add("")
         add("| ε | edge | legacy | alone (mean over homes) | ceiling (central, raw) | edge − ceiling, worst seed | edge > alone on every seed |")
         add("|---|---|---|---|---|---|---|")
@@ -260,7 +262,7 @@ def _digits_section(res: dict[str, Any], add: Any, plots: dict[str, str]) -> Non
     add("")
     add("*nearest class mean* is a reference estimator on exactly the released data (per-class means of the "
         "pooled noisy features; Laplace noise is zero-mean so they are unbiased): it separates what the released "
-        "data allow from how well the head's SGD training uses them. *noisy test* below is the same model on "
+        "data allow from how well the edge's training uses them. *noisy test* below is the same model on "
         "test features noised like the training ones.")
     add("")
     add("| variant | ε | test | validation | noisy test | head (hidden, lr, epochs) | noise scale b |")
