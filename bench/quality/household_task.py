@@ -98,7 +98,7 @@ def release_order(n: int, seed: int, i: int) -> np.ndarray:
 
 def noisy_pool(d: Design, h: Homes, seed: int, max_samples: int) -> Pool:
     """Each customer's first `max_samples` releases, noised once by the agent's own function."""
-    from agent.privacy import privatise_features
+    from agent.privacy import privatise_features, randomised_response
 
     spec = d.spec
     ids, feats, labels = [], [], []
@@ -106,7 +106,8 @@ def noisy_pool(d: Design, h: Homes, seed: int, max_samples: int) -> Pool:
         order = release_order(len(s), seed, i)[:max_samples]
         raw = front_features(d, s.inputs[order])
         feats.append(privatise_features(raw, spec, np.random.default_rng([seed, i, 5])))
-        labels.append(s.labels[order].astype(np.int64))
+        lab = s.labels[order].astype(np.int64)
+        labels.append(randomised_response(lab, spec.num_classes, spec.label_epsilon, np.random.default_rng([seed, i, 6])))
         ids.append(f"{i:04d}-{h.profiles[i].household_id}")
     return Pool(tuple(ids), tuple(feats), tuple(labels))
 

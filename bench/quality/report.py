@@ -59,6 +59,7 @@ def write_report(res: dict[str, Any], out: Path) -> str:
     _household_section(res, add, plots)
     _attack_section(res, add, plots)
     _inference_section(res, add, plots)
+    _labels_section(res, add)
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
@@ -176,6 +177,35 @@ def _trainer_section(res: dict[str, Any], add: Any) -> None:
     add("")
 
 
+def _labels_section(res: dict[str, Any], add: Any) -> None:
+    lb = res.get("labels") or {}
+    rows = lb.get("rows") or []
+    if not rows:
+        return
+    import statistics as st
+
+    seeds = sorted({r["seed"] for r in rows})
+    add(f"## Label privacy: what randomised response costs and buys (household, ε = {_eps_label(lb['epsilon'])}, "
+        f"{len(seeds)} seed(s))")
+    add("")
+    add("The agent's k-ary randomised response on the labels (`label_epsilon`), counted in the same per-hour "
+        "accountant on the label's horizon hours; the edge un-mixes the known channel (`edge_server.trainer`). "
+        "Federated test accuracy, and the attack of the inference section from each home's label histogram alone "
+        "(AUC 0.5 = chance). Mean over seeds, [min–max].")
+    add("")
+    add("| label ε | federated accuracy | AUC EV charger from labels | AUC dishwasher from labels |")
+    add("|---|---|---|---|")
+
+    def cell(xs: list[float]) -> str:
+        return f"{st.mean(xs):.3f} [{min(xs):.3f}–{max(xs):.3f}]" if len(xs) > 1 else _f(xs[0])
+
+    for le in sorted({r["label_epsilon"] for r in rows}):
+        sel = [r for r in rows if r["label_epsilon"] == le]
+        add(f"| {'clear' if le == 0 else f'{le:g}'} | {cell([r['test'] for r in sel])} | "
+            f"{cell([r['auc_ev_labels'] for r in sel])} | {cell([r['auc_dishwasher_labels'] for r in sel])} |")
+    add("")
+
+
 def _seeds_section(res: dict[str, Any], add: Any) -> None:
     sd = res.get("seeds") or {}
     if not sd.get("digits") and not sd.get("household"):
@@ -286,12 +316,14 @@ def _digits_section(res: dict[str, Any], add: Any, plots: dict[str, str]) -> Non
             add(f"| {_eps_label(r['epsilon'])} | {r['samples']} | {_f(r['test'])} | {_f(r['nearest_mean'])} |")
         add("")
     mid = by.get(("paper", MIDDLE_EPSILON))
-    best_mid = max((by[(v, MIDDLE_EPSILON)]["test"] for v in variants if (v, MIDDLE_EPSILON) in by), default=None)
-    if mid is not None and best_mid is not None:
+    # the variant is chosen on validation; its test accuracy is reported
+    pick_mid = max(((by[(v, MIDDLE_EPSILON)]["validation"], v) for v in variants if (v, MIDDLE_EPSILON) in by), default=None)
+    best_mid = by[(pick_mid[1], MIDDLE_EPSILON)]["test"] if pick_mid is not None else None
+    if mid is not None and best_mid is not None and pick_mid is not None:
         gap = PAPER[MIDDLE_EPSILON] - best_mid
         verdict = "meets" if gap <= 0 else f"falls short by {gap * 100:.1f} points"
-        add(f"**Goal (ε = {MIDDLE_EPSILON}, the paper's middle budget, ≥ {PAPER[MIDDLE_EPSILON]:.2f}):** best variant "
-            f"{_f(best_mid)}: {verdict}. The nearest-class-mean reference on the same released data reaches "
+        add(f"**Goal (ε = {MIDDLE_EPSILON}, the paper's middle budget, ≥ {PAPER[MIDDLE_EPSILON]:.2f}):** the variant "
+            f"chosen on validation ({pick_mid[1]}) reaches {_f(best_mid)} on test: {verdict}. The nearest-class-mean reference on the same released data reaches "
             f"{_f(mid['nearest_mean'])}.")
         add("")
 

@@ -65,6 +65,8 @@ class Plan:
     seeds: tuple[int, ...] = ()  # the seed study: digits (paper front) and household, per seed, new vs legacy trainer
     seed_digits_epsilons: tuple[float, ...] = (2.0, 5.0)
     seed_household_epsilons: tuple[float, ...] = (1.0, 2.0, 4.0)
+    label_seeds: tuple[int, ...] = ()  # the label-privacy study (household, at the attack epsilon)
+    label_epsilons: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
 
     @staticmethod
     def make(quick: bool, seed: int) -> Plan:
@@ -81,6 +83,7 @@ class Plan:
                 customers=12, rounds=5, samples_per_round=96, check_rounds=1, check_customers=4,
                 shadow_homes=30, victim_homes=30,
                 seeds=(seed,), seed_digits_epsilons=(2.0,), seed_household_epsilons=(4.0,),
+                label_seeds=(seed,), label_epsilons=(0.0, 2.0),
             )
         return Plan(
             quick=False, seed=seed,
@@ -92,7 +95,7 @@ class Plan:
             attack_fractions=(0.1, 0.2, 0.3), attacks=tuple(a.value for a in Attack if a is not Attack.NONE),
             rules=tuple(c[0] for c in RULE_CONFIGS), reputation=(False, True), customers=20, rounds=8, samples_per_round=96,
             check_rounds=2, check_customers=20, shadow_homes=80, victim_homes=80,
-            seeds=tuple(range(seed, seed + 5)),
+            seeds=tuple(range(seed, seed + 5)), label_seeds=tuple(range(seed, seed + 3)),
         )
 
 
@@ -106,6 +109,7 @@ class Results:
     attacks: dict[str, Any] = field(default_factory=dict)
     inference: list[dict[str, Any]] = field(default_factory=list)
     seeds: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -397,6 +401,36 @@ def run_seeds(plan: Plan, res: Results, log: Any) -> None:
     res.seeds = out
 
 
+def run_labels(plan: Plan, res: Results, log: Any) -> None:
+    """What label privacy costs and buys: the household task at the attack epsilon with k-ary
+    randomised response on the labels (the agent's `randomised_response`), per label epsilon:
+    federated accuracy (the edge un-mixes the known channel) and the home-level attribute
+    inference from the label histogram alone (EV charger, dishwasher)."""
+    from . import household_task as hh
+    from .fasttrain import train_numpy
+    from .federation import FedConfig, run_federation
+    from .inference_attack import attribute_inference
+
+    rows: list[dict[str, Any]] = []
+    hs = hh.HouseholdSetup(customers=plan.customers, rounds=plan.rounds, samples_per_round=plan.samples_per_round)
+    for seed in plan.label_seeds:
+        base = hh.design(plan.attack_epsilon, hs, seed)
+        cust = hh.homes(hs.customers, seed + 1, hs.history_days, base.spec)
+        test = hh.evaluation_set(base, hh.homes(hs.test_households, seed + 10_000, hs.history_days, base.spec))
+        shadow = hh.homes(plan.shadow_homes, seed + 30_000, 42, base.spec)
+        victims = hh.homes(plan.victim_homes, seed + 40_000, 42, base.spec)
+        for le in plan.label_epsilons:
+            d = replace(base, spec=replace(base.spec, label_epsilon=float(le)))
+            pool = hh.noisy_pool(d, cust, seed, hs.rounds * hs.samples_per_round)
+            run = run_federation(d.spec, d.initial, pool, test, FedConfig(hs.rounds, hs.samples_per_round), train_numpy, seed)
+            r = attribute_inference(d, shadow, victims, plan.rounds * plan.samples_per_round, seed)
+            row = {"seed": seed, "label_epsilon": float(le), "test": run.final, "auc_ev_labels": r.auc_ev_labels,
+                   "auc_dishwasher_labels": r.auc_dishwasher_labels, "auc_ev": r.auc_ev, "r2_label": r.r2_label}
+            rows.append(row)
+            log(f"labels: seed {seed} label eps {le:g}: federated {row['test']:.3f}, AUC EV from labels {row['auc_ev_labels']:.3f}")
+    res.labels = {"epsilon": _eps_key(plan.attack_epsilon), "rows": rows}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -407,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/quality, or .../quick with --quick)")
     parser.add_argument("--no-docs", action="store_true", help="do not copy the report to docs/quality.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and plots from the existing results.json")
+    parser.add_argument("--only", choices=("labels",), help="rerun one part into the existing results.json, then rewrite the report")
+    parser.add_argument("--skip", default="", help="comma-separated parts not to run (seeds, labels): to run them in a parallel process")
     args = parser.parse_args(argv)
     _quiet()
     out = args.out or (ROOT / "bench" / "results" / "quality" / ("quick" if args.quick else ""))
@@ -415,6 +451,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_outputs(json.loads((out / "results.json").read_text()), out, docs=not (args.no_docs or args.quick))
         return 0
     plan = Plan.make(args.quick, args.seed)
+    if args.only == "labels":
+        prev = json.loads((out / "results.json").read_text())
+        res_part = Results(plan=prev["plan"])
+        t_part = time.perf_counter()
+        run_labels(plan, res_part, lambda m: print(f"[{time.perf_counter() - t_part:6.1f}s] {m}", flush=True))
+        prev["labels"] = res_part.labels
+        prev["plan"] = asdict(plan) | {k: v for k, v in prev["plan"].items() if k not in ("label_seeds", "label_epsilons")}
+        prev.setdefault("seconds", {})["labels"] = time.perf_counter() - t_part
+        (out / "results.json").write_text(json.dumps(prev, indent=1, default=_json_default) + "\n")
+        _write_outputs(prev, out, docs=not (args.no_docs or args.quick))
+        return 0
     res = Results(plan=asdict(plan))
     res.environment = _versions() | {"cpus": os.cpu_count() or 0, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     t_all = time.perf_counter()
@@ -429,10 +476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def checkpoint() -> None:  # a long run keeps what it has measured so far
         (out / "results.json").write_text(json.dumps(res.__dict__, indent=1, default=_json_default) + "\n")
 
-    t0 = time.perf_counter()
-    run_seeds(plan, res, log)
-    res.seconds["seeds"] = time.perf_counter() - t0
-    checkpoint()
+    skip = set(filter(None, args.skip.split(",")))
+    if "seeds" not in skip:
+        t0 = time.perf_counter()
+        run_seeds(plan, res, log)
+        res.seconds["seeds"] = time.perf_counter() - t0
+        checkpoint()
     t0 = time.perf_counter()
     designs, (pool, test, val) = run_household(plan, res, log)
     res.seconds["household"] = time.perf_counter() - t0
@@ -452,6 +501,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     run_digits(plan, res, log)
     res.seconds["digits"] = time.perf_counter() - t0
+    checkpoint()
+    if "labels" not in skip:
+        t0 = time.perf_counter()
+        run_labels(plan, res, log)
+        res.seconds["labels"] = time.perf_counter() - t0
     res.seconds["total"] = time.perf_counter() - t_all
     (out / "results.json").write_text(json.dumps(res.__dict__, indent=1, default=_json_default) + "\n")
     _write_outputs(res.__dict__, out, docs=not (args.no_docs or args.quick))
