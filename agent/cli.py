@@ -21,7 +21,7 @@ from crowdfl.mqtt import MqttLink, MqttSettings
 from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
 
 from .config import AgentConfig, load
-from .privacy import PrivacyPolicy
+from .privacy import HourCaps, PrivacyPolicy
 from .service import Agent
 from .sources import PlugMqttSource, SimulatedSource, UsageSource, read_reports_file
 from .state import AgentState
@@ -53,6 +53,7 @@ def status(cfg: AgentConfig) -> dict[str, object]:
     usage = UsageLog(cfg.state_dir / "usage.sqlite")
     try:
         budget = state.budget()
+        hours = state.hour_budget()
         span = usage.span()
         pending = state.pending(limit=1_000_000)
         return {
@@ -62,6 +63,15 @@ def status(cfg: AgentConfig) -> dict[str, object]:
             "samples_released": budget.samples_released,
             "max_epsilon_per_sample": budget.max_epsilon_per_sample,
             "budget_by_task": {k: {"samples": n, "epsilon_sum": e} for k, (n, e) in budget.by_task.items()},
+            # what one hour / one UTC day of this household's usage carries over every release
+            "privacy_per_hour": {
+                "max_epsilon_per_hour": hours.max_epsilon_per_hour,
+                "max_epsilon_per_day": hours.max_epsilon_per_day,
+                "cap_per_hour": cfg.privacy.max_epsilon_per_hour or None,
+                "cap_per_day": cfg.privacy.max_epsilon_per_day or None,
+                "hours_accounted": hours.hours_accounted,
+                "busiest_hour": datetime.fromtimestamp(hours.busiest_hour * 3600, UTC).isoformat() if hours.busiest_hour is not None else None,
+            },
             "spool_pending": len(pending),
             "spool_bytes": state.spool_bytes(),
         }
@@ -81,7 +91,10 @@ def build_agent(cfg: AgentConfig, ident: Identity) -> Agent:
         UsageLog(cfg.state_dir / "usage.sqlite", Retention(cfg.log.retention_days, cfg.log.max_rows)),
         AgentState(cfg.state_dir / "state.sqlite", int(cfg.max_spool_mb * 1024 * 1024)),
         link, lambda h: fetch_artifact(cfg.coordinator.url, h), cfg.state_dir / "models",
-        PrivacyPolicy(cfg.privacy.max_epsilon, cfg.privacy.require_label_privacy),
+        PrivacyPolicy(
+            cfg.privacy.max_epsilon, cfg.privacy.require_label_privacy,
+            HourCaps(cfg.privacy.max_epsilon_per_hour, cfg.privacy.max_epsilon_per_day),
+        ),
         np.random.default_rng(), cfg.resend_after_s,
     )
 

@@ -26,10 +26,18 @@ class PeerSettings:
 class PrivacySettings:
     max_epsilon: float = 8.0  # per sample, features and labels together
     require_label_privacy: bool = False
+    # caps on the budget one hour / one UTC day of the usage log may carry over every release of
+    # every task (agent.privacy.sample_spend); 0 = no cap (the spend is still accounted and shown)
+    max_epsilon_per_hour: float = 0.0
+    max_epsilon_per_day: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
             raise ValueError(f"privacy.max_epsilon must be a positive finite number, got {self.max_epsilon}")
+        for name in ("max_epsilon_per_hour", "max_epsilon_per_day"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"privacy.{name} must be a finite number >= 0 (0: no cap), got {v}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ def render_agent_metrics(agent: Agent) -> str:
         "crowdfl_agent_epsilon_spent", "Epsilon summed over released samples, by task.",
         {(("task", t[:16]),): e for t, (_, e) in budget.by_task.items()},
     )
+    hours = agent.state.hour_budget()
+    x.gauge("crowdfl_agent_epsilon_max_per_hour", "Largest epsilon one hour of the usage log carries, over every release.", hours.max_epsilon_per_hour)
+    x.gauge("crowdfl_agent_epsilon_max_per_day", "Largest epsilon one UTC day of the usage log carries, over every release.", hours.max_epsilon_per_day)
+    x.counter("crowdfl_agent_budget_refusals_total", "Rounds with nothing releasable within the per-hour/day caps.", agent.stats.budget_refusals)
     x.gauge("crowdfl_agent_spool_pending", "Envelopes waiting for the edge's acknowledgement.", len(agent.state.pending(limit=1_000_000)))
     x.gauge("crowdfl_agent_spool_bytes", "Bytes in the outgoing spool.", agent.state.spool_bytes())
     x.counter("crowdfl_agent_messages_rejected_total", "Inbound MQTT messages that failed verification.", agent.stats.rejected_messages)

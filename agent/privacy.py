@@ -6,11 +6,23 @@ and x' of any two samples differ in L1 norm by at most
 
     sensitivity = min(2 * clip_l1, feature_dim)
 
-(2·C for two points of an L1 ball of radius C; d for two points of the unit box), so adding
-independent Laplace(0, sensitivity / epsilon) noise to every coordinate makes the released vector
-epsilon-differentially private with respect to the sample (Dwork et al. 2006). Each sample is
-released at most once, so a sample's spent budget is the epsilon of its single release; the
-ledger that enforces this lives in ``agent.state``.
+(2·C for two points of an L1 ball of radius C; d for two points of the unit box). Laplace noise
+of scale sensitivity / epsilon per coordinate would make the released vector epsilon-differentially
+private (Dwork et al. 2006) -- in exact arithmetic. Sampled on floats, it is not: the set of
+floating-point values x + noise can reach depends on x, and an observer can tell inputs apart from
+the low bits of the output (Mironov 2012, "On significance of the least significant bits for
+differential privacy"). So the agent adds no float noise. It snaps each coordinate to a grid of
+step ``GRID`` = 2^-12 (an integer q = round(x / GRID)), adds an integer drawn from the discrete
+Laplace distribution P(z) ∝ exp(-|z| epsilon / Δ) with the exact sampler of Canonne, Kamath &
+Steinke 2020 ("The discrete Gaussian for differential privacy", Algorithm 2: rational
+arithmetic only, no floats), using the operating system's CSPRNG (``secrets.SystemRandom``), and
+releases GRID · (q + z), a float that is a function of integers only. Snapping moves each
+coordinate by at most GRID / 2, so two snapped vectors differ in L1 by at most
+Δ = ceil(sensitivity / GRID) + d grid steps: the integer mechanism is epsilon-DP for that Δ, and
+the release is post-processing (``grid_sensitivity``). The price is d · GRID = 0.2 % more noise for
+d = 8.
+
+Each hour of a household's usage log is accounted for in ``agent.accountant``.
 
 Labels can be protected separately with k-ary randomised response (``label_epsilon > 0``); with
 ``label_epsilon == 0`` they are released as is and the guarantee covers the features only.
@@ -18,7 +30,12 @@ Labels can be protected separately with k-ary randomised response (``label_epsil
 
 from __future__ import annotations
 
+import math
+import os
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -27,12 +44,111 @@ from crowdfl.messages import TaskSpec
 from crowdfl.task import laplace_scale, prepare_features, sensitivity  # noqa: F401 (re-exported)
 
 
+HOURS_PER_DAY = 24
+
+
+@dataclass(frozen=True)
+class HourCaps:
+    """The owner's caps on the budget spent on one hour and on one (UTC calendar) day of the usage
+    log, over every released window and label of every task. 0 means no cap (still accounted)."""
+
+    per_hour: float = 0.0
+    per_day: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, v in (("per_hour", self.per_hour), ("per_day", self.per_day)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} cap must be a finite number >= 0 (0: no cap), got {v}")
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Epsilon spent per unix hour and per unix day (hour // 24) of the usage log."""
+
+    hours: dict[int, float]
+    days: dict[int, float]
+
+    def plus(self, other: Spend) -> Spend:
+        return Spend(_add(self.hours, other.hours), _add(self.days, other.days))
+
+
+def _add(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def sample_spend(sample_id: int, spec: TaskSpec) -> Spend:
+    """What releasing one sample spends: its features depend on the ``window_hours`` hours before
+    the id (the window's end, see ``crowdfl.task``), its label on the ``horizon_hours`` after it.
+
+    Per hour: epsilon on each window hour, label_epsilon on each horizon hour (sequential
+    composition). Per day: the sample's epsilon once for each day its window touches, its
+    label_epsilon once for each day its horizon touches -- a day's usage is one input to each of
+    those two mechanisms, however many of its hours they read.
+    """
+    end = int(sample_id)
+    window = range(end - spec.window_hours, end)
+    hours = dict.fromkeys(window, float(spec.epsilon))
+    days = dict.fromkeys({t // HOURS_PER_DAY for t in window}, float(spec.epsilon))
+    if spec.label_epsilon > 0:
+        horizon = range(end, end + spec.horizon_hours)
+        hours = _add(hours, dict.fromkeys(horizon, float(spec.label_epsilon)))
+        days = _add(days, dict.fromkeys({t // HOURS_PER_DAY for t in horizon}, float(spec.label_epsilon)))
+    return Spend(hours, days)
+
+
+def release_spend(sample_ids: Iterable[int], spec: TaskSpec) -> Spend:
+    total = Spend({}, {})
+    for sid in sample_ids:
+        total = total.plus(sample_spend(int(sid), spec))
+    return total
+
+
+def over_caps(spent: Spend, extra: Spend, caps: HourCaps) -> str | None:
+    """Why adding ``extra`` to ``spent`` would exceed the caps, or None if it fits."""
+    tol = 1e-9
+    if caps.per_hour > 0:
+        for h, e in extra.hours.items():
+            if spent.hours.get(h, 0.0) + e > caps.per_hour + tol:
+                return f"hour {h} would carry epsilon {spent.hours.get(h, 0.0) + e:g} (cap {caps.per_hour:g} per hour)"
+    if caps.per_day > 0:
+        for d, e in extra.days.items():
+            if spent.days.get(d, 0.0) + e > caps.per_day + tol:
+                return f"day {d} would carry epsilon {spent.days.get(d, 0.0) + e:g} (cap {caps.per_day:g} per day)"
+    return None
+
+
+def select_within_caps(candidates: Sequence[int], spec: TaskSpec, spent: Spend, caps: HourCaps, limit: int) -> list[int]:
+    """Greedily, in the given order, the candidates whose release keeps every hour and day within
+    the caps (given what is already spent and what the earlier picks spend)."""
+    chosen: list[int] = []
+    acc = spent
+    for sid in candidates:
+        if len(chosen) >= limit:
+            break
+        extra = sample_spend(int(sid), spec)
+        if over_caps(acc, extra, caps) is None:
+            chosen.append(int(sid))
+            acc = acc.plus(extra)
+    return chosen
+
+
+def releasable(sample_ids: np.ndarray, spec: TaskSpec) -> np.ndarray:
+    """The sample ids on the task's stride: windows ending on multiples of ``window_stride_hours``
+    (aligned to the clock, so rounds never overlap each other's windows when stride >= window)."""
+    stride = int(spec.window_stride_hours)
+    return sample_ids[(sample_ids.astype(np.int64) % stride) == 0]
+
+
 @dataclass(frozen=True)
 class PrivacyPolicy:
     """The device owner's limits, from the agent's config."""
 
     max_epsilon: float = 8.0  # largest per-sample epsilon (features + labels) the owner accepts
     require_label_privacy: bool = False
+    caps: HourCaps = HourCaps()  # per hour and per day of the usage log, across every release
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.max_epsilon) and self.max_epsilon > 0):
@@ -53,6 +169,14 @@ class PrivacyPolicy:
             raise PrivacyError("bad_epsilon", f"task {spec.task_id[:12]} asks for label epsilon {spec.label_epsilon}")
         if self.require_label_privacy and spec.label_epsilon == 0:
             raise PrivacyError("labels_in_clear", "this device requires label privacy and the task sends labels as is")
+        if self.caps.per_hour > 0 and max(spec.epsilon, spec.label_epsilon) > self.caps.per_hour:
+            raise PrivacyError(
+                "epsilon_too_large",
+                f"task {spec.task_id[:12]} spends {max(spec.epsilon, spec.label_epsilon):g} on an hour with a single sample; "
+                f"this device allows {self.caps.per_hour:g} per hour (privacy.max_epsilon_per_hour)",
+            )
+        if spec.window_stride_hours < 1:
+            raise PrivacyError("bad_stride", f"window stride must be >= 1 hour, got {spec.window_stride_hours}")
         if spec.epsilon + spec.label_epsilon > self.max_epsilon:
             raise PrivacyError(
                 "epsilon_too_large",
@@ -61,11 +185,115 @@ class PrivacyPolicy:
             )
 
 
-def privatise_features(features: np.ndarray, spec: TaskSpec, rng: np.random.Generator) -> np.ndarray:
-    """Normalise, clip and add Laplace noise: what leaves the device."""
+GRID = 2.0**-12  # features in [0, 1] become integers 0..4096
+
+
+def grid_sensitivity(clip_l1: float, feature_dim: int) -> int:
+    """L1 sensitivity, in grid steps, of two prepared vectors after snapping to the grid."""
+    return int(math.ceil(sensitivity(clip_l1, feature_dim) / GRID)) + int(feature_dim)
+
+
+def noise_scale(epsilon: float, clip_l1: float, feature_dim: int) -> float:
+    """The scale of the released noise in feature units (GRID x the discrete Laplace scale)."""
+    return GRID * grid_sensitivity(clip_l1, feature_dim) / float(epsilon)
+
+
+class OsRandom(random.Random):
+    """The OS CSPRNG (``os.urandom``, as ``secrets`` uses), read 4 KiB at a time: the exact
+    sampler asks for a few small random integers per draw, and a system call for each would
+    make a release of 768 values take a noticeable time on a Pi."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+        super().__init__()
+
+    def seed(self, *args: object, **kwargs: object) -> None:  # nothing to seed: the OS is the source
+        return None
+
+    def getstate(self) -> tuple[object, ...]:
+        raise NotImplementedError("the OS random source has no state to save")
+
+    def setstate(self, state: object) -> None:
+        raise NotImplementedError("the OS random source has no state to restore")
+
+    def getrandbits(self, k: int) -> int:
+        if k < 0:
+            raise ValueError("number of bits must be non-negative")
+        n = (k + 7) // 8
+        if self._pos + n > len(self._buf):
+            self._buf = os.urandom(max(4096, n))
+            self._pos = 0
+        chunk = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return int.from_bytes(chunk, "little") >> (8 * n - k)
+
+    def random(self) -> float:
+        return self.getrandbits(53) * 2.0**-53
+
+
+def _bernoulli_exp(n: int, d: int, rng: random.Random) -> bool:
+    """True with probability exp(-n/d) for 0 <= n/d <= 1, integers only (CKS 2020, Algorithm 1)."""
+    k = 1
+    while rng.randrange(d * k) < n:  # Bernoulli(n / (d k))
+        k += 1
+    return k % 2 == 1
+
+
+def discrete_laplace(scale: Fraction, rng: random.Random) -> int:
+    """An integer z with P(z) ∝ exp(-|z| / scale), exactly (CKS 2020, Algorithm 2).
+
+    The geometric part: with 1/scale = s/t, draw u uniform in [0, t) accepted with probability
+    exp(-u/t), and v ~ Geometric(1 - exp(-1)); then (v t + u) // s has P(k) ∝ exp(-k s/t).
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    x = 1 / Fraction(scale)
+    s, t = x.numerator, x.denominator
+    while True:
+        while True:
+            u = rng.randrange(t)
+            if _bernoulli_exp(u, t, rng):
+                break
+        v = 0
+        while _bernoulli_exp(1, 1, rng):
+            v += 1
+        magnitude = (v * t + u) // s
+        negative = rng.randrange(2) == 1
+        if negative and magnitude == 0:
+            continue  # zero would otherwise be counted twice
+        return -magnitude if negative else magnitude
+
+
+def simulated_discrete_laplace(scale: float, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The same distribution, vectorised, from a seeded numpy Generator: the difference of two
+    geometric variables. For simulations and benchmarks only; a device uses `discrete_laplace`."""
+    p = -math.expm1(-1.0 / scale)  # P(success) of the geometric on {1, 2, ...}
+    return (rng.geometric(p, size) - rng.geometric(p, size)).astype(np.int64)
+
+
+def privatise_features(
+    features: np.ndarray, spec: TaskSpec, rng: np.random.Generator | random.Random | None = None
+) -> np.ndarray:
+    """Normalise, clip, snap to the grid and add discrete Laplace noise: what leaves the device.
+
+    The noise comes from the OS CSPRNG unless ``rng`` is given: a ``random.Random`` runs the same
+    exact sampler from that source (tests), a numpy Generator the vectorised simulation of the
+    same distribution (benchmarks that release millions of values). A device passes nothing.
+    """
     x = prepare_features(features, spec.feature_scale, spec.clip_l1)
-    b = laplace_scale(spec.epsilon, spec.clip_l1, x.shape[1])
-    return (x + rng.laplace(0.0, b, size=x.shape)).astype(np.float32)
+    if math.isinf(spec.epsilon) and spec.epsilon > 0:
+        return x  # no noise: the benchmarks' noiseless reference (PrivacyPolicy refuses it on a device)
+    if not (math.isfinite(spec.epsilon) and spec.epsilon > 0):
+        raise PrivacyError("bad_epsilon", f"cannot release with epsilon {spec.epsilon}")
+    q = np.rint(x.astype(np.float64) / GRID).astype(np.int64)
+    scale = Fraction(grid_sensitivity(spec.clip_l1, x.shape[1])) / Fraction(spec.epsilon)
+    if isinstance(rng, np.random.Generator):
+        z = simulated_discrete_laplace(float(scale), q.size, rng)
+    else:
+        src = rng if rng is not None else OsRandom()
+        z = np.fromiter((discrete_laplace(scale, src) for _ in range(q.size)), dtype=np.int64, count=q.size)
+    return ((q + z.reshape(q.shape)).astype(np.float64) * GRID).astype(np.float32)
 
 
 def randomised_response(labels: np.ndarray, num_classes: int, epsilon: float, rng: np.random.Generator) -> np.ndarray:

@@ -21,10 +21,10 @@ from crowdfl.envelope import open_envelope, seal
 from crowdfl.errors import CrowdflError, PrivacyError, WireError
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.messages import CODEC, Ack, FeatureBatch, Nack, RoundStart, TaskSpec
+from crowdfl.front import FrontModel
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic, feature_topic
 
-from crowdfl.front import FrontModel
-from .privacy import PrivacyPolicy, privatise_features, randomised_response
+from .privacy import PrivacyPolicy, privatise_features, randomised_response, releasable, release_spend, select_within_caps
 from .samples import samples_from_log
 from .state import AgentState
 from .uplink import Uplink
@@ -47,6 +47,7 @@ class AgentStats:
     rejected_messages: int = 0
     refused_tasks: int = 0
     refused_envelopes: int = 0  # refused for good by the edge (Nack) and dropped from the spool
+    budget_refusals: int = 0  # rounds where every candidate sample would pass the per-hour/day caps
 
 
 class Agent:
@@ -198,19 +199,29 @@ class Agent:
         """Release ``samples_per_round`` fresh samples for a round; returns the spool seq."""
         spec = task.spec
         samples = samples_from_log(self.usage_log, spec)
-        fresh = np.flatnonzero(np.isin(samples.ids, self.state.unreleased(samples.ids)))
+        fresh = np.flatnonzero(np.isin(samples.ids, self.state.unreleased(releasable(samples.ids, spec))))
         if len(fresh) == 0:
             log.warning("round %d: no unreleased samples left in the usage log", round_)
             return None
-        pick = self.rng.choice(fresh, size=min(spec.samples_per_round, len(fresh)), replace=False)
-        chosen = samples.take(np.sort(pick))
+        order = self.rng.permutation(fresh)
+        ids = [int(samples.ids[i]) for i in order]
+        probe = release_spend(ids, spec)  # every hour and day the candidates touch
+        spent = self.state.spent(probe.hours, probe.days)
+        keep = set(select_within_caps(ids, spec, spent, self.policy.caps, spec.samples_per_round))
+        pick = [i for i, sid in zip(order, ids) if sid in keep]
+        if not pick:
+            self.stats.budget_refusals += 1
+            log.warning("round %d: every unreleased sample would exceed this device's budget per hour/day; nothing released", round_)
+            return None
+        chosen = samples.take(np.sort(np.asarray(pick)))
         noisy = privatise_features(task.front(chosen.inputs), spec, self.rng)
         labels = randomised_response(chosen.labels, spec.num_classes, spec.label_epsilon, self.rng)
         batch = FeatureBatch(spec.task_id, round_, chosen.ids, noisy, labels.astype(np.int8), spec.epsilon, spec.clip_l1)
         body = CODEC.encode(batch)
         topic = feature_topic(short_id(self.edge.node_id), self.short)
         seq = self.state.release(
-            spec.task_id, round_, chosen.ids, spec.epsilon, topic, lambda s: seal(body, self.identity, s, self.edge)
+            spec.task_id, round_, chosen.ids, spec.epsilon, topic, lambda s: seal(body, self.identity, s, self.edge),
+            spend=release_spend(chosen.ids, spec), caps=self.policy.caps,
         )
         self.stats.contributions += 1
         self.stats.samples_released += len(chosen)

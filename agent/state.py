@@ -1,8 +1,9 @@
 """The agent's durable state: the privacy ledger, the outgoing spool and the sequence counter.
 
 They share one SQLite file so that a release is one transaction: the samples are marked as
-released, the next sequence number is taken and the sealed envelope is put in the spool, or none
-of it happens. After a power cut either nothing left the device (and the samples are still
+released, the budget they spend is added to every hour and day of the usage log they read
+(``hour_budget``, ``day_budget``; checked against the owner's caps in the same transaction), the
+next sequence number is taken and the sealed envelope is put in the spool, or none of it happens. After a power cut either nothing left the device (and the samples are still
 unreleased) or the envelope is in the spool and is resent, byte for byte, until the edge server
 acknowledges it. A sample is never noised twice, so the noise cannot be averaged away.
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from crowdfl.errors import PrivacyError
+
+from .privacy import HourCaps, Spend, over_caps
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS released (
@@ -38,6 +41,8 @@ CREATE TABLE IF NOT EXISTS spool (
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS released_round ON released (task_id, round);
+CREATE TABLE IF NOT EXISTS hour_budget (hour INTEGER PRIMARY KEY, epsilon REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS day_budget (day INTEGER PRIMARY KEY, epsilon REAL NOT NULL);
 """
 
 
@@ -51,6 +56,17 @@ class BudgetReport:
     max_epsilon_per_sample: float
     total_epsilon: float  # sum over released samples (each sample's budget is independent)
     by_task: dict[str, tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class HourBudgetReport:
+    """What the usage log's hours and days carry, over every release (agent.privacy.sample_spend)."""
+
+    hours_accounted: int
+    max_epsilon_per_hour: float
+    max_epsilon_per_day: float
+    busiest_hour: int | None  # unix hour
+    busiest_day: int | None  # unix day (hour // 24)
 
 
 @dataclass(frozen=True)
@@ -118,8 +134,12 @@ class AgentState:
         epsilon: float,
         topic: str,
         seal: Callable[[int], bytes],
+        spend: Spend | None = None,
+        caps: HourCaps | None = None,
     ) -> int:
-        """Atomically record the release, take a sequence number and spool ``seal(seq)``."""
+        """Atomically record the release, add ``spend`` to the hours and days it reads (refusing
+        with ``PrivacyError("budget_exceeded")`` if that would pass ``caps``), take a sequence
+        number and spool ``seal(seq)``."""
         ids = [int(s) for s in sample_ids]
         now = time.time()
         with self._lock:
@@ -130,6 +150,8 @@ class AgentState:
                 ).fetchone()[0] if ids else 0
                 if used:
                     raise PrivacyError("already_released", f"{used} of {len(ids)} samples were released before")
+                if spend is not None:
+                    self._charge(spend, caps or HourCaps())
                 size = int(self._db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM spool").fetchone()[0])
                 if size >= self.max_spool_bytes:
                     raise SpoolFull("spool_full", f"outgoing spool holds {size} bytes (limit {self.max_spool_bytes})")
@@ -147,6 +169,49 @@ class AgentState:
                 self._db.execute("ROLLBACK")
                 raise
         return seq
+
+    def _spent_locked(self, hours: Iterable[int], days: Iterable[int]) -> Spend:
+        hs, ds = sorted(set(hours)), sorted(set(days))
+        got_h = self._db.execute(
+            "SELECT hour, epsilon FROM hour_budget WHERE hour BETWEEN ? AND ?", (hs[0], hs[-1])
+        ).fetchall() if hs else []
+        got_d = self._db.execute(
+            "SELECT day, epsilon FROM day_budget WHERE day BETWEEN ? AND ?", (ds[0], ds[-1])
+        ).fetchall() if ds else []
+        return Spend({int(h): float(e) for h, e in got_h}, {int(d): float(e) for d, e in got_d})
+
+    def _charge(self, spend: Spend, caps: HourCaps) -> None:
+        """Inside a release's transaction: check the caps, then add the spend."""
+        why = over_caps(self._spent_locked(spend.hours, spend.days), spend, caps)
+        if why is not None:
+            raise PrivacyError("budget_exceeded", why)
+        self._db.executemany(
+            "INSERT INTO hour_budget VALUES (?, ?) ON CONFLICT(hour) DO UPDATE SET epsilon = epsilon + excluded.epsilon",
+            [(int(h), float(e)) for h, e in spend.hours.items()],
+        )
+        self._db.executemany(
+            "INSERT INTO day_budget VALUES (?, ?) ON CONFLICT(day) DO UPDATE SET epsilon = epsilon + excluded.epsilon",
+            [(int(d), float(e)) for d, e in spend.days.items()],
+        )
+
+    def spent(self, hours: Iterable[int], days: Iterable[int]) -> Spend:
+        """The budget already spent on these hours and days of the usage log."""
+        with self._lock:
+            return self._spent_locked(hours, days)
+
+    def spent_epsilon(self) -> float:
+        """The largest epsilon any one hour of this household's usage log carries, over every
+        release so far: the per-hour guarantee the device has given (0.0 before any release)."""
+        with self._lock:
+            return float(self._db.execute("SELECT COALESCE(MAX(epsilon), 0.0) FROM hour_budget").fetchone()[0])
+
+    def hour_budget(self) -> HourBudgetReport:
+        with self._lock:
+            n, max_h = self._db.execute("SELECT COUNT(*), COALESCE(MAX(epsilon), 0.0) FROM hour_budget").fetchone()
+            max_d = self._db.execute("SELECT COALESCE(MAX(epsilon), 0.0) FROM day_budget").fetchone()[0]
+            bh = self._db.execute("SELECT hour FROM hour_budget ORDER BY epsilon DESC, hour LIMIT 1").fetchone()
+            bd = self._db.execute("SELECT day FROM day_budget ORDER BY epsilon DESC, day LIMIT 1").fetchone()
+        return HourBudgetReport(int(n), float(max_h), float(max_d), int(bh[0]) if bh else None, int(bd[0]) if bd else None)
 
     def pending(self, limit: int = 100) -> list[Spooled]:
         with self._lock:

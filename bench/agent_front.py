@@ -15,6 +15,12 @@
    peak (VmHWM) at the end. Baseline in the same run: a process that imports TensorFlow and runs
    the float Keras front on a batch of 128, the cheapest way to get the same features with TF.
 3. The agent's import closure holds no TensorFlow (checked in a fresh interpreter).
+4. Noise. One round's release (96 samples x the task's features) through
+   ``agent.privacy.privatise_features``: the exact discrete Laplace sampler on the OS CSPRNG the
+   device uses, against the float Laplace draw it replaced (numpy ``Generator.laplace``, which
+   leaks through its floating-point representation, Mironov 2012), timed in the same run.
+
+Figures go to bench/results/agent_front.json (``bench.results_io.write_result``).
 """
 
 from __future__ import annotations
@@ -229,6 +235,31 @@ def import_closure_has_no_tf() -> bool:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120, check=False).returncode == 0
 
 
+def noise_timing(spec: Any, quick: bool) -> dict[str, Any]:
+    """Median time of one round's release: exact discrete Laplace (OS CSPRNG) vs float Laplace."""
+    from agent.privacy import privatise_features
+    from crowdfl.task import laplace_scale, prepare_features
+
+    x = np.random.default_rng(3).uniform(0, 1, (spec.samples_per_round, spec.feature_dim)).astype(np.float32)
+    float_rng = np.random.default_rng(4)
+
+    def float_laplace() -> np.ndarray:  # the agent's sampler before issue 14
+        p = prepare_features(x, spec.feature_scale, spec.clip_l1)
+        return (p + float_rng.laplace(0.0, laplace_scale(spec.epsilon, spec.clip_l1, p.shape[1]), p.shape)).astype(np.float32)
+
+    reps = 5 if quick else 30
+    out: dict[str, Any] = {"samples": int(x.shape[0]), "values": int(x.size), "epsilon": spec.epsilon}
+    for name, fn in (("discrete_os_csprng", lambda: privatise_features(x, spec)), ("float_laplace", float_laplace)):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_ms_per_release"] = statistics.median(times) * 1000
+    out["discrete_us_per_value"] = out["discrete_os_csprng_ms_per_release"] * 1000 / x.size
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small task design and fewer repeats")
@@ -250,11 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cpu(s), Python {platform.python_version()}",
         "design_s": design_s, "latency": lat, "agent_imports_tensorflow": not import_closure_has_no_tf(),
+        "noise": noise_timing(designed.spec, args.quick),
     }
     if not args.skip_memory:
         with tempfile.TemporaryDirectory(prefix="crowdfl-bench-") as tmp:
             result["agent_memory"] = agent_memory(designed, Path(tmp))
             result["tf_baseline_peak_mb"] = tf_baseline_memory(keras_front, inputs_for(designed.spec, 128), Path(tmp))
+    from bench.results_io import write_result
+
+    path = write_result("agent_front", result, quick=args.quick)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -274,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(round open -> spooled {m['round_open_to_spooled_s']:.2f}s, acknowledged {m['round_open_to_acknowledged_s']:.2f}s)")
         print(f"  peak (VmHWM)               {m['peak_hwm_mb']:7.1f} MB   vs TF baseline {base:7.1f} MB: {base / m['peak_hwm_mb']:.1f}x less")
         print(f"  SIGTERM exit code {m['sigterm_exit_code']}")
+    nz = result["noise"]
+    print(f"noise for one release ({nz['samples']} samples, {nz['values']} values, epsilon {nz['epsilon']:g}): exact discrete "
+          f"Laplace on the OS CSPRNG {nz['discrete_os_csprng_ms_per_release']:.1f} ms ({nz['discrete_us_per_value']:.0f} us a value) "
+          f"vs float Laplace {nz['float_laplace_ms_per_release']:.2f} ms")
     print(f"agent import closure holds TensorFlow: {'YES (regression)' if result['agent_imports_tensorflow'] else 'no'}")
+    print(f"figures written to {path}")
     return 0
 
 

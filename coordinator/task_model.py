@@ -41,8 +41,9 @@ class TaskDesign:
     noise_aware_pretraining: bool = True
     window_hours: int = 24
     horizon_hours: int = 6
+    window_stride_hours: int = 1  # >= window_hours: no two released windows share an hour (agent.privacy.sample_spend)
     feature_dim: int = 8
-    hidden_units: int = 32
+    hidden_units: int = 48  # >= feature_dim x (classes + 1): room for the edge's class-statistics head
     samples_per_round: int = 128
     local_epochs: int = 5
     learning_rate: float = 0.005
@@ -167,6 +168,7 @@ def design_task(design: TaskDesign, start: datetime, now: float | None = None) -
         clip_l1=clip_l1,
         window_hours=design.window_hours,
         horizon_hours=design.horizon_hours,
+        window_stride_hours=design.window_stride_hours,
         device_kinds=tuple(DEVICE_KINDS),
         class_edges_wh=edges,
         input_scale=input_scale,

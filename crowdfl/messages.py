@@ -41,6 +41,10 @@ class TaskSpec:
     learning_rate: float
     aggregation: str
     deadline: int  # unix seconds
+    # devices release only windows ending on multiples of this many hours (aligned to the clock):
+    # with stride >= window_hours no two released windows share an hour, so each hour of a
+    # household's usage carries at most epsilon (agent.privacy.sample_spend)
+    window_stride_hours: int = 1
 
     @property
     def num_classes(self) -> int:

@@ -37,7 +37,7 @@ from .ingest import Ingestor
 from crowdfl.metrics import Histogram
 from .store import EdgeStore
 from .submit import CoordinatorClient
-from .trainer import train_customer
+from .trainer import HeadTrainer
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class EdgeServer:
         self.drain_wait_s = drain_wait_s
         self.resubmit_every_s = resubmit_every_s
         self.tasks: dict[str, TaskSpec] = {}
+        self._trainers: dict[str, HeadTrainer] = {}
         self.rounds: dict[str, RoundStart] = {}
         self.ingestor = Ingestor(identity, store, self.tasks.get, workers=ingest_workers)
         self.jobs: queue.Queue[TrainJob] = queue.Queue()
@@ -221,6 +222,12 @@ class EdgeServer:
             self._models[model_hash] = [np.asarray(w) for w in mw.weights]
         return self._models[model_hash]
 
+    def _trainer(self, spec: TaskSpec) -> HeadTrainer:
+        """One trainer per task, built on its first job and reused for every customer and round."""
+        if spec.task_id not in self._trainers:
+            self._trainers[spec.task_id] = HeadTrainer(spec)
+        return self._trainers[spec.task_id]
+
     def train_job(self, job: TrainJob) -> None:
         if self.store.has_update(job.task_id, job.round, job.customer):
             return
@@ -230,7 +237,7 @@ class EdgeServer:
             return  # the round moved on while the job waited; its data is used in the next one
         data = self.store.customer_data(job.customer, job.task_id, spec.feature_dim)
         seed = (self.seed * 1_000_003 + job.round * 7919 + int(job.customer[:8], 16)) % 2**31
-        result = train_customer(self._global_weights(rs.global_model_hash), data, spec, seed)
+        result = self._trainer(spec).train(self._global_weights(rs.global_model_hash), data, seed)
         update = ModelUpdate(
             job.task_id, job.round, job.customer, rs.global_model_hash, tuple(result.weights),
             result.num_samples, result.inputs_digest, result.loss,

@@ -1,22 +1,83 @@
 """Per-customer training of the dense layers on that customer's noisy features (TensorFlow).
 
-Training starts from the round's global model. The noise was added once, on the device; local
-epochs reuse the same noisy features, which costs no privacy (post-processing).
+Why not gradient descent. Every released feature carries Laplace noise of known scale
+b = sensitivity / epsilon per coordinate (variance 2b^2; at epsilon = 2 on the digits task that
+is 2.0 against a signal of ~0.1 per coordinate). Training a network by SGD on such inputs is
+training with input noise, which acts as a Tikhonov penalty proportional to the noise variance
+(Bishop 1995, "Training with noise is equivalent to Tikhonov regularization"): the gradient signal
+drowns, and the head sits on a plateau (0.689 on digits at epsilon = 2 while the released data
+allow 0.928, docs/quality.md). What the noise leaves intact are low-order statistics: the noise
+is zero-mean and independent of the label, so a class's mean of noisy features is an unbiased
+estimate of its clean mean, and averaging noisy reports is the minimax-optimal way to estimate a
+mean under local differential privacy (Duchi, Jordan & Wainwright 2018, "Minimax optimal
+procedures for locally private estimation", JASA). The classifier built on those means is the
+nearest-class-mean rule (Mensink et al. 2013, TPAMI; linear discriminant analysis with a shared
+isotropic covariance, Hastie, Tibshirani & Friedman, ESL section 4.3), which only needs them.
+
+So the edge fits the head in closed form from the customer's class sums and counts (all its
+released samples: the largest possible batch) and writes the nearest-class-mean rule into the
+task's Dense-ReLU-Dense layers:
+
+* hidden units 0..d-1 copy the features (W1 = identity, bias 0): released and held-out features
+  are in [0, 1] after ``crowdfl.task.prepare_features``, so the ReLU is the identity on them;
+  ``W2[:d, k] = mu_k``;
+* the rule also needs -|mu_k|^2 / 2 per class, which is quadratic in the means, and the
+  coordinator aggregates weights linearly; averaged per-customer squares would carry each
+  customer's own noise (useless at a few samples per class), and a square taken from last round's
+  model does not match this round's means (measured: 0.76 instead of 0.92 on digits at
+  epsilon = 2). So the square is stored as a product of two weights, each linear in the means:
+  hidden unit ``d + k d + m`` has bias ``mu_k[m] + s`` and outgoing weight ``-(mu_k[m] - s) / 2``
+  to class k (a constant input: W1 column 0). Averaging both over customers and multiplying in
+  the forward pass gives exactly -(|mean mu_k|^2 - d s^2) / 2 for the averaged means, i.e. the
+  pooled nearest-class-mean rule (a shift s > 0 keeps the units' input positive through the ReLU;
+  -d s^2 / 2 is the same for every class).
+
+The class-mean rule assumes classes share an isotropic spread, which real features do not. So the
+head is then fine-tuned from that initialisation by ``FINETUNE_STEPS`` full-batch Adam steps on the
+customer's released samples (the whole batch: the gradient's noise is averaged over every sample,
+not a mini-batch), regularised towards the statistics head with a weight proportional to the
+known noise variance 2b^2 ("L2-SP", Li, Grandvalet & Davoine 2018, "Explicit inductive bias for
+transfer learning"): at small epsilon the statistics dominate, without noise the data do. The
+product units stay frozen so the aggregate's class-mean bias stays exact. Measured on digits over
+5 seeds at epsilon 2 (bench/quality): the statistics head alone 0.763 mean, with this fine-tuning
+0.776 and the smallest spread, Adam from scratch 0.727.
+
+Labels released with k-ary randomised response (``label_epsilon > 0``) pass through a known
+channel M (keep e^eps / (e^eps + k - 1), each other class 1 / (e^eps + k - 1)): the class sums and
+counts are un-mixed with M's inverse (unbiased, like the means), and the fine-tuning uses the
+forward-corrected loss -log (softmax(logits) M)_y (Patrini et al. 2017, "Making deep neural
+networks robust to label noise: a loss correction approach").
+
+It needs ``hidden_units >= feature_dim * (num_classes + 1)``. A task with fewer hidden units gets
+the previous procedure (Adam on the noisy features from the round's global model), on a model
+built once per task. The model and its ``tf.function`` are built once per task
+(`HeadTrainer`) and reused for every customer and round: only the data change.
+
+Training reuses the noisy features as released; it costs no privacy (post-processing).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from crowdfl.backmodel import check_back_weights, keras_back
 from crowdfl.messages import TaskSpec
+from crowdfl.task import laplace_scale
 
 from .store import CustomerData
+
+
+FINETUNE_STEPS = 50
+FINETUNE_LR = 0.005
+FINETUNE_PULL = 0.1  # L2-SP weight per unit of noise variance 2 b^2
+BETA_1, BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # Keras Adam defaults
 
 
 @dataclass(frozen=True)
@@ -37,21 +98,179 @@ def inputs_digest(data: CustomerData) -> str:
     return h.hexdigest()
 
 
-def train_customer(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> TrainResult:
-    import keras
+def statistics_head_fits(spec: TaskSpec) -> bool:
+    """Whether the task's head has room for the class-mean rule (see the module docstring)."""
+    return spec.hidden_units >= spec.feature_dim * (spec.num_classes + 1)
 
-    check_back_weights(global_weights, spec)
-    if len(data.labels) == 0:
-        raise ValueError("no samples to train on")
-    t0 = time.perf_counter()
-    keras.utils.set_random_seed(seed)
-    model = keras_back(spec)
-    model.set_weights([np.asarray(w) for w in global_weights])
-    model.compile(
-        optimizer=keras.optimizers.Adam(spec.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    hist = model.fit(data.features, data.labels, epochs=spec.local_epochs, batch_size=32, shuffle=True, verbose=0)
-    weights = [np.asarray(w, dtype=np.float32) for w in model.get_weights()]
-    loss = float(hist.history["loss"][-1])
-    return TrainResult(weights, loss, time.perf_counter() - t0, len(data.labels), inputs_digest(data))
+
+def product_shift(spec: TaskSpec) -> float:
+    """The shift s of the product units: keeps mean + s positive, even for one noisy sample."""
+    b = laplace_scale(spec.epsilon, spec.clip_l1, spec.feature_dim) if math.isfinite(spec.epsilon) else 0.0
+    return 1.0 + 4.0 * math.sqrt(2.0) * b
+
+
+def label_channel(spec: TaskSpec) -> tuple[float, float] | None:
+    """(keep, flip) probabilities of the task's k-ary randomised response, or None for clear labels:
+    a released label is the true one with probability keep, each other class with probability flip."""
+    if not spec.label_epsilon > 0:
+        return None
+    e = math.exp(spec.label_epsilon)
+    k = spec.num_classes
+    return e / (e + k - 1), 1.0 / (e + k - 1)
+
+
+def finetune_pull(spec: TaskSpec) -> float:
+    """The L2-SP weight towards the statistics head: proportional to the noise variance 2 b^2."""
+    b = laplace_scale(spec.epsilon, spec.clip_l1, spec.feature_dim) if math.isfinite(spec.epsilon) else 0.0
+    return FINETUNE_PULL * 2.0 * b * b
+
+
+def _channel_matrix(spec: TaskSpec) -> np.ndarray:
+    keep, flip = label_channel(spec) or (1.0, 0.0)
+    c = spec.num_classes
+    return (np.full((c, c), flip) + np.eye(c) * (keep - flip)).astype(np.float32)
+
+
+def finetune_masks(spec: TaskSpec) -> list[np.ndarray]:
+    """1 where fine-tuning may move a weight, 0 on the frozen product units."""
+    d, h, c = spec.feature_dim, spec.hidden_units, spec.num_classes
+    keep = np.ones(h, np.float32)
+    keep[d : d + c * d] = 0.0
+    return [np.broadcast_to(keep, (d, h)).copy(), keep, np.broadcast_to(keep[:, None], (h, c)).copy(), np.ones(c, np.float32)]
+
+
+def class_means_of(weights: Sequence[np.ndarray], spec: TaskSpec) -> np.ndarray | None:
+    """The class means a statistics-layout head carries in its (frozen) product units, or None for
+    a head of another layout. On an aggregate they are the average of the customers' means."""
+    d, c = spec.feature_dim, spec.num_classes
+    if not statistics_head_fits(spec):
+        return None
+    w1, b1 = np.asarray(weights[0]), np.asarray(weights[1], np.float64)
+    if np.abs(w1[:, d : d + c * d]).max(initial=0.0) > 1e-6:
+        return None
+    means = b1[d : d + c * d].reshape(c, d) - product_shift(spec)
+    if not (means > -product_shift(spec)).all():
+        return None
+    return means
+
+
+class HeadTrainer:
+    """The edge's trainer for one task: built once, then ``train`` per customer and round."""
+
+    def __init__(self, spec: TaskSpec, finetune_steps: int = FINETUNE_STEPS) -> None:
+        import tensorflow as tf
+
+        self.spec = spec
+        self.statistics = statistics_head_fits(spec)
+        d, h, c = spec.feature_dim, spec.hidden_units, spec.num_classes
+        if self.statistics:
+            shift = product_shift(spec)
+            eye_c = tf.constant(np.eye(c), tf.float64)
+            w1 = tf.constant(np.eye(d, h), tf.float32)  # identity on the first d units, zero elsewhere
+
+            masks = [tf.constant(m) for m in finetune_masks(spec)]
+            channel = label_channel(spec)
+            mix = tf.constant(_channel_matrix(spec), tf.float32) if channel is not None else None
+            pull = tf.constant(finetune_pull(spec), tf.float32)
+
+            def fit(x: Any, y: Any, fallback: Any) -> Any:
+                xs = tf.cast(x, tf.float64)
+                counts = tf.math.unsorted_segment_sum(tf.ones_like(y, tf.float64), y, c)
+                sums = tf.math.unsorted_segment_sum(xs, y, c)
+                if channel is not None:  # un-mix the randomised labels: E[noisy stats] = M (true stats)
+                    keep, flip = channel
+                    counts = (counts - flip * tf.reduce_sum(counts)) / (keep - flip)
+                    sums = (sums - flip * tf.reduce_sum(sums, axis=0, keepdims=True)) / (keep - flip)
+                    counts = tf.where(counts > 0.5, counts, tf.zeros_like(counts))
+                mu = tf.where(counts[:, None] > 0, sums / tf.maximum(counts, 1.0)[:, None], fallback)
+                b1 = tf.concat([tf.zeros([d], tf.float64), tf.reshape(mu + shift, [-1]), tf.zeros([h - d - c * d], tf.float64)], 0)
+                block = tf.reshape((-0.5 * (mu - shift))[:, :, None] * eye_c[:, None, :], [c * d, c])
+                w2 = tf.concat([tf.transpose(mu), block, tf.zeros([h - d - c * d, c], tf.float64)], 0)
+                start = [w1, tf.cast(b1, tf.float32), tf.cast(w2, tf.float32), tf.zeros([c], tf.float32)]
+
+                def loss_of(ps: list[Any]) -> Any:
+                    logits = tf.nn.relu(x @ ps[0] + ps[1]) @ ps[2] + ps[3]
+                    if channel is None:
+                        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+                    # forward loss correction for the known label channel (Patrini et al. 2017)
+                    noisy = tf.nn.softmax(logits) @ mix
+                    return -tf.reduce_mean(tf.math.log(tf.gather(noisy, y, batch_dims=1) + 1e-12))
+
+                def step(t: Any, ps: list[Any], ms: list[Any], vs: list[Any]) -> Any:
+                    with tf.GradientTape() as tape:
+                        tape.watch(ps)
+                        loss = loss_of(ps)
+                    grads = tape.gradient(loss, ps)
+                    tf_t = tf.cast(t, tf.float32)
+                    alpha = FINETUNE_LR * tf.sqrt(1.0 - BETA_2**tf_t) / (1.0 - BETA_1**tf_t)
+                    new_p, new_m, new_v = [], [], []
+                    for p, p0, g, m, v, k in zip(ps, start, grads, ms, vs, masks, strict=True):
+                        g = (g + pull * (p - p0)) * k
+                        m = m + (g - m) * (1.0 - BETA_1)
+                        v = v + (g * g - v) * (1.0 - BETA_2)
+                        new_m.append(m)
+                        new_v.append(v)
+                        new_p.append(p - alpha * m / (tf.sqrt(v) + ADAM_EPSILON))
+                    return t + 1, new_p, new_m, new_v
+
+                zeros = [tf.zeros_like(p) for p in start]
+                _, ps, _, _ = tf.while_loop(
+                    lambda t, *_: t <= finetune_steps, step, (tf.constant(1), start, zeros, list(zeros))
+                )
+                return ps[0], ps[1], ps[2], ps[3], loss_of(ps)
+
+            self._fit = tf.function(
+                fit,
+                input_signature=[
+                    tf.TensorSpec([None, d], tf.float32),
+                    tf.TensorSpec([None], tf.int32),
+                    tf.TensorSpec([c, d], tf.float64),
+                ],
+                reduce_retracing=True,
+            )
+        else:
+            import keras
+
+            self._model = keras_back(spec)
+            self._model.compile(
+                optimizer=keras.optimizers.Adam(spec.learning_rate),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+            self._model.optimizer.build(self._model.trainable_variables)
+            self._fresh_optimizer = [np.array(v.numpy()) for v in self._model.optimizer.variables]
+
+    def train(self, global_weights: Sequence[np.ndarray], data: CustomerData, seed: int) -> TrainResult:
+        spec = self.spec
+        check_back_weights(global_weights, spec)
+        if len(data.labels) == 0:
+            raise ValueError("no samples to train on")
+        labels = np.asarray(data.labels, np.int64)
+        if labels.min() < 0 or labels.max() >= spec.num_classes:
+            raise ValueError(f"labels outside 0..{spec.num_classes - 1}")
+        x = np.asarray(data.features, np.float32)
+        t0 = time.perf_counter()
+        if self.statistics:
+            # a class this customer never released keeps the round's global estimate (or, on a
+            # head of another layout, the customer's overall mean): it adds no information
+            fallback = class_means_of(global_weights, spec)
+            if fallback is None:
+                fallback = np.broadcast_to(x.astype(np.float64).mean(axis=0), (spec.num_classes, spec.feature_dim))
+            *ws, loss = self._fit(x, labels.astype(np.int32), np.ascontiguousarray(fallback))
+            weights = [np.asarray(w, np.float32) for w in ws]
+            loss_value = float(loss)
+        else:
+            import keras
+
+            keras.utils.set_random_seed(seed)
+            self._model.set_weights([np.asarray(w) for w in global_weights])
+            for v, fresh in zip(self._model.optimizer.variables, self._fresh_optimizer, strict=True):
+                v.assign(fresh)  # fresh Adam moments and step count for every customer
+            hist = self._model.fit(x, labels, epochs=spec.local_epochs, batch_size=32, shuffle=True, verbose=0)
+            weights = [np.asarray(w, dtype=np.float32) for w in self._model.get_weights()]
+            loss_value = float(hist.history["loss"][-1])
+        return TrainResult(weights, loss_value, time.perf_counter() - t0, len(labels), inputs_digest(data))
+
+
+def train_customer(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> TrainResult:
+    """One training with a trainer built for the occasion (the service keeps one per task)."""
+    return HeadTrainer(spec).train(global_weights, data, seed)

@@ -1,13 +1,13 @@
-"""A numpy mirror of `edge_server.trainer.train_customer`, for sweeps of thousands of trainings.
+"""A numpy mirror of the edge's trainer (`edge_server.trainer.HeadTrainer`), for big sweeps.
 
-`train_customer` builds, compiles and traces a fresh Keras model on every call: about 0.8 s of
-fixed cost for a head of a few hundred parameters, which would make the attack grid (192 runs x
-rounds x customers) take hours. This mirror does the same arithmetic (Dense-ReLU-Dense from the
-global weights, sparse categorical cross-entropy on logits averaged over the batch, Keras 3's
-Adam with its default betas and epsilon, batch 32 reshuffled every epoch, `spec.local_epochs`
-epochs at `spec.learning_rate`) in a few milliseconds. Shuffling draws differ from TensorFlow's,
-so results match in distribution, not bit for bit; `run.run_trainer_check` measures the gap in each
-run of the benchmark.
+`train_numpy` is the class-statistics head of `edge_server.trainer` in numpy (same arithmetic, in
+float64 then float32, so it matches the TensorFlow version to rounding); for a head without room
+for it, `train_numpy_sgd` mirrors the fallback (Dense-ReLU-Dense from the global weights, sparse
+categorical cross-entropy on logits averaged over the batch, Keras 3's Adam with its default betas
+and epsilon, batch 32 reshuffled every epoch, `spec.local_epochs` epochs at `spec.learning_rate`;
+shuffling draws differ from TensorFlow's, so that one matches in distribution only).
+`run.run_trainer_check` measures the gap in each run of the benchmark, and times the edge's trainer
+against `train_keras_legacy`, the trainer the edge used before (a fresh Keras model per call).
 """
 
 from __future__ import annotations
@@ -19,12 +19,87 @@ import numpy as np
 from crowdfl.backmodel import check_back_weights
 from crowdfl.messages import TaskSpec
 from edge_server.store import CustomerData
+from edge_server.trainer import (
+    FINETUNE_LR, FINETUNE_STEPS, HeadTrainer, _channel_matrix, class_means_of, finetune_masks, finetune_pull, label_channel,
+    product_shift, statistics_head_fits,
+)
 
 BATCH = 32  # as edge_server/trainer.py
 BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
 
 
 def train_numpy(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:
+    """The edge's trainer in numpy: the class-statistics head, or the Adam fallback."""
+    if not statistics_head_fits(spec):
+        return train_numpy_sgd(global_weights, data, spec, seed)
+    check_back_weights(global_weights, spec)
+    if len(data.labels) == 0:
+        raise ValueError("no samples to train on")
+    x = np.asarray(data.features, np.float64)
+    y = np.asarray(data.labels, np.int64)
+    d, h, c = spec.feature_dim, spec.hidden_units, spec.num_classes
+    counts = np.bincount(y, minlength=c).astype(np.float64)
+    sums = np.zeros((c, d))
+    np.add.at(sums, y, x)
+    channel = label_channel(spec)
+    if channel is not None:  # un-mix the randomised labels, as the edge does
+        keep, flip = channel
+        counts = (counts - flip * counts.sum()) / (keep - flip)
+        sums = (sums - flip * sums.sum(axis=0, keepdims=True)) / (keep - flip)
+        counts = np.where(counts > 0.5, counts, 0.0)
+    fallback = class_means_of(global_weights, spec)
+    if fallback is None:
+        fallback = np.broadcast_to(x.mean(axis=0), (c, d))
+    mu = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1.0)[:, None], fallback)
+    s = product_shift(spec)
+    w1 = np.eye(d, h)
+    b1 = np.zeros(h)
+    w2 = np.zeros((h, c))
+    w2[:d] = mu.T
+    for k in range(c):
+        rows = d + k * d + np.arange(d)
+        b1[rows] = mu[k] + s
+        w2[rows, k] = -0.5 * (mu[k] - s)
+    start = [w1.astype(np.float32), b1.astype(np.float32), w2.astype(np.float32), np.zeros(c, np.float32)]
+    return _finetune(start, np.asarray(data.features, np.float32), y, spec)
+
+
+def _finetune(start: list[np.ndarray], x: np.ndarray, y: np.ndarray, spec: TaskSpec) -> list[np.ndarray]:
+    """Full-batch Adam from the statistics head, pulled towards it, product units frozen."""
+    masks = finetune_masks(spec)
+    pull = np.float32(finetune_pull(spec))
+    mix = _channel_matrix(spec) if label_channel(spec) is not None else None
+    params = [p.copy() for p in start]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    n = len(y)
+    for step in range(1, FINETUNE_STEPS + 1):
+        w1, b1, w2, b2 = params
+        pre = x @ w1 + b1
+        h = np.maximum(pre, 0.0)
+        logits = h @ w2 + b2
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        if mix is None:
+            p[np.arange(n), y] -= 1.0
+            g_logits = p / n
+        else:  # d/dlogits of -log((p M)_y) = -p (M[:, y] - r) / r, r = (p M)_y
+            col = mix[:, y].T
+            r = (p * col).sum(axis=1, keepdims=True) + np.float32(1e-12)
+            g_logits = (-p * (col - r) / r / n).astype(np.float32)
+        g_h = (g_logits @ w2.T) * (pre > 0)
+        grads = (x.T @ g_h, g_h.sum(axis=0), h.T @ g_logits, g_logits.sum(axis=0))
+        alpha = np.float32(FINETUNE_LR * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step))
+        for i, g in enumerate(grads):
+            g = ((g + pull * (params[i] - start[i])) * masks[i]).astype(np.float32)
+            m[i] += (g - m[i]) * np.float32(1 - BETA_1)
+            v[i] += (g * g - v[i]) * np.float32(1 - BETA_2)
+            params[i] = (params[i] - alpha * m[i] / (np.sqrt(v[i]) + np.float32(EPSILON))).astype(np.float32)
+    return params
+
+
+def train_numpy_sgd(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:
     """Local epochs of Adam on the customer's noisy features, from the round's global model."""
     check_back_weights(global_weights, spec)
     if len(data.labels) == 0:
@@ -66,8 +141,33 @@ def train_numpy(global_weights: Sequence[np.ndarray], data: CustomerData, spec: 
     return [p.astype(np.float32) for p in params]
 
 
-def train_keras(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:
-    """The edge server's own trainer (TensorFlow)."""
-    from edge_server.trainer import train_customer
+class KerasTrainers:
+    """The edge server's own trainer (TensorFlow), one `HeadTrainer` per task, as the edge keeps them."""
 
-    return train_customer(global_weights, data, spec, seed).weights
+    def __init__(self) -> None:
+        self._by_task: dict[tuple[str, int, float], HeadTrainer] = {}
+
+    def __call__(self, global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:
+        key = (spec.task_id, spec.hidden_units, spec.epsilon)
+        if key not in self._by_task:
+            self._by_task[key] = HeadTrainer(spec)
+        return self._by_task[key].train(global_weights, data, seed).weights
+
+
+def train_keras_legacy(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:
+    """The edge's trainer before issue 14, kept as the timing and accuracy baseline: a fresh Keras
+    model built, compiled and traced on every call, then Adam on the noisy features."""
+    import keras
+
+    from crowdfl.backmodel import keras_back
+
+    check_back_weights(global_weights, spec)
+    keras.utils.set_random_seed(seed)
+    model = keras_back(spec)
+    model.set_weights([np.asarray(w) for w in global_weights])
+    model.compile(
+        optimizer=keras.optimizers.Adam(spec.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(data.features, data.labels, epochs=spec.local_epochs, batch_size=32, shuffle=True, verbose=0)
+    return [np.asarray(w, dtype=np.float32) for w in model.get_weights()]

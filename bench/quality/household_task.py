@@ -32,6 +32,7 @@ class HouseholdSetup:
     samples_per_round: int = 96
     validation_households: int = 8
     test_households: int = 12
+    hidden_units: int = 48  # room for the edge's class-statistics head: feature_dim x (classes + 1)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def design(epsilon: float, setup: HouseholdSetup, seed: int) -> Design:
     t0 = time.perf_counter()
     eps = float(epsilon)
     d = design_task(
-        TaskDesign(rounds=setup.rounds, epsilon=eps, samples_per_round=setup.samples_per_round, seed=seed + 7),
+        TaskDesign(rounds=setup.rounds, epsilon=eps, samples_per_round=setup.samples_per_round, seed=seed + 7, hidden_units=setup.hidden_units),
         START,
         now=0.0,
     )
@@ -97,7 +98,7 @@ def release_order(n: int, seed: int, i: int) -> np.ndarray:
 
 def noisy_pool(d: Design, h: Homes, seed: int, max_samples: int) -> Pool:
     """Each customer's first `max_samples` releases, noised once by the agent's own function."""
-    from agent.privacy import privatise_features
+    from agent.privacy import privatise_features, randomised_response
 
     spec = d.spec
     ids, feats, labels = [], [], []
@@ -105,7 +106,8 @@ def noisy_pool(d: Design, h: Homes, seed: int, max_samples: int) -> Pool:
         order = release_order(len(s), seed, i)[:max_samples]
         raw = front_features(d, s.inputs[order])
         feats.append(privatise_features(raw, spec, np.random.default_rng([seed, i, 5])))
-        labels.append(s.labels[order].astype(np.int64))
+        lab = s.labels[order].astype(np.int64)
+        labels.append(randomised_response(lab, spec.num_classes, spec.label_epsilon, np.random.default_rng([seed, i, 6])))
         ids.append(f"{i:04d}-{h.profiles[i].household_id}")
     return Pool(tuple(ids), tuple(feats), tuple(labels))
 

@@ -34,7 +34,7 @@ class AttackResult:
     auc_dishwasher: float
     auc_ev_features: float  # from the mean released features alone
     auc_dishwasher_features: float
-    auc_ev_labels: float  # from the label histogram alone (labels are sent in clear)
+    auc_ev_labels: float  # from the label histogram alone (in clear unless the task sets label_epsilon)
     auc_dishwasher_labels: float
     victims: int
     ev_homes: int
@@ -42,7 +42,7 @@ class AttackResult:
 
 def _released(d: Design, h: Homes, seed: int, per_home: int, spec: TaskSpec) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(noisy features, labels, window totals) of what each home releases during the task."""
-    from agent.privacy import privatise_features
+    from agent.privacy import privatise_features, randomised_response
 
     out = []
     for i, s in enumerate(h.samples):
@@ -54,7 +54,8 @@ def _released(d: Design, h: Homes, seed: int, per_home: int, spec: TaskSpec) -> 
             from crowdfl.task import prepare_features
 
             feats = prepare_features(raw, spec.feature_scale, spec.clip_l1)
-        out.append((feats, s.labels[order].astype(np.int64), h.window_wh[i][order]))
+        labels = randomised_response(s.labels[order].astype(np.int64), spec.num_classes, spec.label_epsilon, np.random.default_rng([seed, i, 10]))
+        out.append((feats, labels, h.window_wh[i][order]))
     return out
 
 

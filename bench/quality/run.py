@@ -62,6 +62,11 @@ class Plan:
     check_customers: int
     shadow_homes: int
     victim_homes: int
+    seeds: tuple[int, ...] = ()  # the seed study: digits (paper front) and household, per seed, new vs legacy trainer
+    seed_digits_epsilons: tuple[float, ...] = (2.0, 5.0)
+    seed_household_epsilons: tuple[float, ...] = (1.0, 2.0, 4.0)
+    label_seeds: tuple[int, ...] = ()  # the label-privacy study (household, at the attack epsilon)
+    label_epsilons: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
 
     @staticmethod
     def make(quick: bool, seed: int) -> Plan:
@@ -77,6 +82,8 @@ class Plan:
                 attacks=(Attack.SCALE.value,), rules=("fedavg", "multi_krum"), reputation=(False,),
                 customers=12, rounds=5, samples_per_round=96, check_rounds=1, check_customers=4,
                 shadow_homes=30, victim_homes=30,
+                seeds=(seed,), seed_digits_epsilons=(2.0,), seed_household_epsilons=(4.0,),
+                label_seeds=(seed,), label_epsilons=(0.0, 2.0),
             )
         return Plan(
             quick=False, seed=seed,
@@ -88,6 +95,7 @@ class Plan:
             attack_fractions=(0.1, 0.2, 0.3), attacks=tuple(a.value for a in Attack if a is not Attack.NONE),
             rules=tuple(c[0] for c in RULE_CONFIGS), reputation=(False, True), customers=20, rounds=8, samples_per_round=96,
             check_rounds=2, check_customers=20, shadow_homes=80, victim_homes=80,
+            seeds=tuple(range(seed, seed + 5)), label_seeds=tuple(range(seed, seed + 3)),
         )
 
 
@@ -100,6 +108,8 @@ class Results:
     household: dict[str, Any] = field(default_factory=dict)
     attacks: dict[str, Any] = field(default_factory=dict)
     inference: list[dict[str, Any]] = field(default_factory=list)
+    seeds: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -131,23 +141,36 @@ def _quiet() -> None:
 
 
 def run_trainer_check(plan: Plan, design: Any, pool: Any, test: Any, res: Results, log: Any) -> None:
-    """The numpy mirror against the edge's own TensorFlow trainer, same rounds, same data."""
-    from .fasttrain import train_keras, train_numpy
+    """The edge's TensorFlow trainer against its numpy mirror (same rounds, same data), and both
+    against the trainer the edge used before (`fasttrain.train_keras_legacy`), timed in this run."""
+    from .fasttrain import KerasTrainers, train_keras_legacy, train_numpy
     from .federation import FedConfig, Pool, run_federation
 
     sub = Pool(pool.ids[: plan.check_customers], pool.features[: plan.check_customers], pool.labels[: plan.check_customers])
     cfg = FedConfig(plan.check_rounds, plan.samples_per_round)
     out: dict[str, Any] = {"customers": len(sub.ids), "rounds": plan.check_rounds}
-    for name, trainer in (("keras", train_keras), ("numpy", train_numpy)):
+    keras_trainer = KerasTrainers()
+    keras_trainer(design.initial, _one_customer(sub), design.spec, 0)  # build and trace once per task, as the edge does
+    for name, trainer in (("keras", keras_trainer), ("numpy", train_numpy), ("keras_legacy", train_keras_legacy)):
         t0 = time.perf_counter()
         run = run_federation(design.spec, design.initial, sub, test, cfg, trainer, plan.seed)
         out[name] = {"accuracy": run.accuracy, "seconds": time.perf_counter() - t0}
     calls = len(sub.ids) * plan.check_rounds
-    out["seconds_per_training"] = {k: out[k]["seconds"] / calls for k in ("keras", "numpy")}
+    out["seconds_per_training"] = {k: out[k]["seconds"] / calls for k in ("keras", "numpy", "keras_legacy")}
+    out["speedup_vs_legacy"] = out["seconds_per_training"]["keras_legacy"] / out["seconds_per_training"]["keras"]
     out["max_abs_accuracy_gap"] = float(np.max(np.abs(np.subtract(out["keras"]["accuracy"], out["numpy"]["accuracy"]))))
     res.trainer_check = out
-    log(f"trainer check: keras {out['keras']['accuracy']} vs numpy {out['numpy']['accuracy']} "
-        f"({out['seconds_per_training']['keras']:.2f} s vs {out['seconds_per_training']['numpy'] * 1000:.1f} ms per training)")
+    sp = out["seconds_per_training"]
+    log(f"trainer check: keras {out['keras']['accuracy']} vs numpy {out['numpy']['accuracy']} vs legacy {out['keras_legacy']['accuracy']} "
+        f"({sp['keras'] * 1000:.1f} ms vs {sp['numpy'] * 1000:.1f} ms vs legacy {sp['keras_legacy'] * 1000:.0f} ms per training, "
+        f"{out['speedup_vs_legacy']:.0f}x faster)")
+
+
+def _one_customer(pool: Any) -> Any:
+    from edge_server.store import CustomerData
+
+    n = len(pool.labels[0])
+    return CustomerData(np.arange(n, dtype=np.uint64), pool.features[0], pool.labels[0])
 
 
 def run_digits(plan: Plan, res: Results, log: Any) -> None:
@@ -316,6 +339,98 @@ def run_inference(plan: Plan, designs: dict[float, Any], res: Results, log: Any)
             f"AUC EV {r.auc_ev:.3f} dishwasher {r.auc_dishwasher:.3f}")
 
 
+def run_seeds(plan: Plan, res: Results, log: Any) -> None:
+    """The issue-14 targets over several seeds: per seed a new split, front design and customers.
+
+    Digits (paper front, the head of `DigitsSetup` widened to 128 units so the class-statistics
+    head fits): the edge's trainer against the nearest-class-mean reference on the same releases
+    and against the legacy trainer's procedure (`train_numpy_sgd`, the head the bench picked before:
+    128 units, 0.002, 10 epochs). Household: federated vs training alone vs the central noiseless
+    ceiling, per epsilon.
+    """
+    from crowdfl.backmodel import accuracy, initial_back_weights
+    from edge_server.store import CustomerData
+
+    from . import digits as dg
+    from . import household_task as hh
+    from .fasttrain import train_numpy, train_numpy_sgd
+    from .federation import FedConfig, run_federation
+
+    out: dict[str, Any] = {"seeds": list(plan.seeds), "digits": [], "household": []}
+    setup = dg.DigitsSetup(rounds=plan.digits_rounds, pretrain_epochs=plan.digits_pretrain_epochs)
+    for seed in plan.seeds:
+        split = dg.load_split(setup, seed)
+        for f in dg.design_fronts("paper", plan.seed_digits_epsilons, setup, split, seed):
+            pool = dg.customer_pool(f, split, setup, seed)
+            test = (dg.clean_features(f, split.test[0]), split.test[1])
+            spr = -(-max(len(lab) for lab in pool.labels) // setup.rounds)
+            spec = replace(f.spec, hidden_units=128, learning_rate=0.002, local_epochs=10)
+            row: dict[str, Any] = {"seed": seed, "epsilon": _eps_key(f.epsilon), "nearest_mean": dg.nearest_mean_accuracy(pool, test)}
+            for name, trainer in (("edge", train_numpy), ("legacy", train_numpy_sgd)):
+                run = run_federation(spec, initial_back_weights(spec, seed), pool, test, FedConfig(setup.rounds, spr), trainer, seed)
+                row[name] = run.final
+            out["digits"].append(row)
+            log(f"seeds: digits seed {seed} eps {row['epsilon']}: edge {row['edge']:.3f}, legacy {row['legacy']:.3f}, "
+                f"nearest-mean {row['nearest_mean']:.3f}")
+        hs = hh.HouseholdSetup(customers=plan.customers, rounds=plan.rounds, samples_per_round=plan.samples_per_round)
+        ceiling: float | None = None
+        for eps in plan.seed_household_epsilons:
+            d = hh.design(eps, hs, seed)
+            cust = hh.homes(hs.customers, seed + 1, hs.history_days, d.spec)
+            test_h = hh.homes(hs.test_households, seed + 10_000, hs.history_days, d.spec)
+            pool = hh.noisy_pool(d, cust, seed, hs.rounds * hs.samples_per_round)
+            test = hh.evaluation_set(d, test_h)
+            cfg = FedConfig(hs.rounds, hs.samples_per_round)
+            row = {"seed": seed, "epsilon": _eps_key(eps)}
+            for name, trainer in (("edge", train_numpy), ("legacy", train_numpy_sgd)):
+                row[name] = run_federation(d.spec, d.initial, pool, test, cfg, trainer, seed).final
+            alone = []
+            for i in range(len(pool.ids)):
+                w = list(d.initial)
+                for rnd in range(1, hs.rounds + 1):
+                    n = min(rnd * hs.samples_per_round, len(pool.labels[i]))
+                    w = train_numpy(w, CustomerData(np.arange(n, dtype=np.uint64), pool.features[i][:n], pool.labels[i][:n]), d.spec, seed * 1000 + rnd)
+                alone.append(accuracy(w, *test))
+            row["alone_mean"] = float(np.mean(alone))
+            if ceiling is None:
+                ceiling = hh.central_ceiling(d, cust, test_h, seed)  # raw, noiseless: the same for every epsilon
+            row["ceiling_central_raw"] = ceiling
+            out["household"].append(row)
+            log(f"seeds: household seed {seed} eps {row['epsilon']}: edge {row['edge']:.3f}, legacy {row['legacy']:.3f}, "
+                f"alone {row['alone_mean']:.3f}, ceiling {ceiling:.3f}")
+    res.seeds = out
+
+
+def run_labels(plan: Plan, res: Results, log: Any) -> None:
+    """What label privacy costs and buys: the household task at the attack epsilon with k-ary
+    randomised response on the labels (the agent's `randomised_response`), per label epsilon:
+    federated accuracy (the edge un-mixes the known channel) and the home-level attribute
+    inference from the label histogram alone (EV charger, dishwasher)."""
+    from . import household_task as hh
+    from .fasttrain import train_numpy
+    from .federation import FedConfig, run_federation
+    from .inference_attack import attribute_inference
+
+    rows: list[dict[str, Any]] = []
+    hs = hh.HouseholdSetup(customers=plan.customers, rounds=plan.rounds, samples_per_round=plan.samples_per_round)
+    for seed in plan.label_seeds:
+        base = hh.design(plan.attack_epsilon, hs, seed)
+        cust = hh.homes(hs.customers, seed + 1, hs.history_days, base.spec)
+        test = hh.evaluation_set(base, hh.homes(hs.test_households, seed + 10_000, hs.history_days, base.spec))
+        shadow = hh.homes(plan.shadow_homes, seed + 30_000, 42, base.spec)
+        victims = hh.homes(plan.victim_homes, seed + 40_000, 42, base.spec)
+        for le in plan.label_epsilons:
+            d = replace(base, spec=replace(base.spec, label_epsilon=float(le)))
+            pool = hh.noisy_pool(d, cust, seed, hs.rounds * hs.samples_per_round)
+            run = run_federation(d.spec, d.initial, pool, test, FedConfig(hs.rounds, hs.samples_per_round), train_numpy, seed)
+            r = attribute_inference(d, shadow, victims, plan.rounds * plan.samples_per_round, seed)
+            row = {"seed": seed, "label_epsilon": float(le), "test": run.final, "auc_ev_labels": r.auc_ev_labels,
+                   "auc_dishwasher_labels": r.auc_dishwasher_labels, "auc_ev": r.auc_ev, "r2_label": r.r2_label}
+            rows.append(row)
+            log(f"labels: seed {seed} label eps {le:g}: federated {row['test']:.3f}, AUC EV from labels {row['auc_ev_labels']:.3f}")
+    res.labels = {"epsilon": _eps_key(plan.attack_epsilon), "rows": rows}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -326,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/quality, or .../quick with --quick)")
     parser.add_argument("--no-docs", action="store_true", help="do not copy the report to docs/quality.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and plots from the existing results.json")
+    parser.add_argument("--only", choices=("labels",), help="rerun one part into the existing results.json, then rewrite the report")
+    parser.add_argument("--skip", default="", help="comma-separated parts not to run (seeds, labels): to run them in a parallel process")
     args = parser.parse_args(argv)
     _quiet()
     out = args.out or (ROOT / "bench" / "results" / "quality" / ("quick" if args.quick else ""))
@@ -334,6 +451,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_outputs(json.loads((out / "results.json").read_text()), out, docs=not (args.no_docs or args.quick))
         return 0
     plan = Plan.make(args.quick, args.seed)
+    if args.only == "labels":
+        prev = json.loads((out / "results.json").read_text())
+        res_part = Results(plan=prev["plan"])
+        t_part = time.perf_counter()
+        run_labels(plan, res_part, lambda m: print(f"[{time.perf_counter() - t_part:6.1f}s] {m}", flush=True))
+        prev["labels"] = res_part.labels
+        prev["plan"] = asdict(plan) | {k: v for k, v in prev["plan"].items() if k not in ("label_seeds", "label_epsilons")}
+        prev.setdefault("seconds", {})["labels"] = time.perf_counter() - t_part
+        (out / "results.json").write_text(json.dumps(prev, indent=1, default=_json_default) + "\n")
+        _write_outputs(prev, out, docs=not (args.no_docs or args.quick))
+        return 0
     res = Results(plan=asdict(plan))
     res.environment = _versions() | {"cpus": os.cpu_count() or 0, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     t_all = time.perf_counter()
@@ -344,6 +472,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import keras  # noqa: F401  (import TensorFlow once, up front, so the timings below exclude it)
 
     res.seconds["import"] = time.perf_counter() - t_all
+
+    def checkpoint() -> None:  # a long run keeps what it has measured so far
+        (out / "results.json").write_text(json.dumps(res.__dict__, indent=1, default=_json_default) + "\n")
+
+    skip = set(filter(None, args.skip.split(",")))
+    if "seeds" not in skip:
+        t0 = time.perf_counter()
+        run_seeds(plan, res, log)
+        res.seconds["seeds"] = time.perf_counter() - t0
+        checkpoint()
     t0 = time.perf_counter()
     designs, (pool, test, val) = run_household(plan, res, log)
     res.seconds["household"] = time.perf_counter() - t0
@@ -351,15 +489,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     run_trainer_check(plan, d_attack, pool, test, res, log)
     res.seconds["trainer_check"] = time.perf_counter() - t0
+    checkpoint()
     t0 = time.perf_counter()
     run_attacks(plan, d_attack, pool, test, val, res, log)
     res.seconds["attacks"] = time.perf_counter() - t0
+    checkpoint()
     t0 = time.perf_counter()
     run_inference(plan, designs, res, log)
     res.seconds["inference"] = time.perf_counter() - t0
+    checkpoint()
     t0 = time.perf_counter()
     run_digits(plan, res, log)
     res.seconds["digits"] = time.perf_counter() - t0
+    checkpoint()
+    if "labels" not in skip:
+        t0 = time.perf_counter()
+        run_labels(plan, res, log)
+        res.seconds["labels"] = time.perf_counter() - t0
     res.seconds["total"] = time.perf_counter() - t_all
     (out / "results.json").write_text(json.dumps(res.__dict__, indent=1, default=_json_default) + "\n")
     _write_outputs(res.__dict__, out, docs=not (args.no_docs or args.quick))

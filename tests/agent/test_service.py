@@ -143,6 +143,30 @@ def test_metrics_endpoint_reports_budget_and_spool(tmp_path: Path, designed_task
         assert f"crowdfl_agent_samples_released {n}" in text
         assert "crowdfl_agent_spool_pending 1" in text and "crowdfl_agent_mqtt_connected 0" in text
         assert f'crowdfl_agent_epsilon_spent{{task="{designed_task.spec.task_id[:16]}"}} {n * designed_task.spec.epsilon:g}' in text
+        per_hour = agent.state.hour_budget().max_epsilon_per_hour
+        assert per_hour >= designed_task.spec.epsilon  # at least one window on every hour it read
+        assert f"crowdfl_agent_epsilon_max_per_hour {per_hour:g}" in text
     finally:
         server.stop()
+        close(agent)
+
+
+def test_the_agent_releases_only_what_the_hour_caps_allow_and_then_refuses(tmp_path: Path, designed_task) -> None:  # type: ignore[no-untyped-def]
+    from agent.privacy import HourCaps
+
+    parts = Parts(tmp_path, designed_task)
+    spec = designed_task.spec
+    cap = 2 * spec.epsilon  # each hour may be in at most two released windows
+    agent = parts.agent()
+    agent.policy = PrivacyPolicy(8.0, caps=HourCaps(per_hour=cap))
+    try:
+        agent.handle(parts.task_msg())
+        for n in range(1, 6):
+            agent.handle(parts.round_msg(n))
+        released = agent.state.budget().samples_released
+        assert 0 < released < 5 * spec.samples_per_round  # 4 days of log: the cap, not the rounds, is the limit
+        assert agent.state.spent_epsilon() <= cap + 1e-9
+        assert agent.state.hour_budget().max_epsilon_per_hour == pytest.approx(cap)
+        assert agent.stats.budget_refusals >= 1  # the last rounds found nothing within the caps
+    finally:
         close(agent)
