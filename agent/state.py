@@ -36,6 +36,14 @@ CREATE TABLE IF NOT EXISTS spool (
     created_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS receipts (
+    task_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    batch_digest BLOB NOT NULL,
+    samples INTEGER NOT NULL,
+    receipt BLOB NOT NULL,
+    PRIMARY KEY (task_id, round)
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS released_round ON released (task_id, round);
 """
@@ -106,8 +114,12 @@ class AgentState:
         epsilon: float,
         topic: str,
         seal: Callable[[int], bytes],
+        receipt: tuple[bytes, bytes] | None = None,
     ) -> int:
-        """Atomically record the release, take a sequence number and spool ``seal(seq)``."""
+        """Atomically record the release, take a sequence number and spool ``seal(seq)``.
+
+        ``receipt`` is (batch digest, signed receipt) of the round, kept for ``crowdfl-agent verify``
+        and for the next round's receipt (which covers every batch so far)."""
         ids = [int(s) for s in sample_ids]
         now = time.time()
         with self._lock:
@@ -128,6 +140,10 @@ class AgentState:
                     "INSERT INTO released VALUES (?, ?, ?, ?, ?, ?)",
                     [(s, task_id, round_, float(epsilon), seq, now) for s in ids],
                 )
+                if receipt is not None:
+                    self._db.execute(
+                        "INSERT INTO receipts VALUES (?, ?, ?, ?, ?)", (task_id, int(round_), receipt[0], len(ids), receipt[1])
+                    )
                 payload = seal(seq)
                 self._db.execute("INSERT INTO spool (seq, topic, payload, created_at) VALUES (?, ?, ?, ?)", (seq, topic, payload, now))
                 self._db.execute("COMMIT")
@@ -135,6 +151,18 @@ class AgentState:
                 self._db.execute("ROLLBACK")
                 raise
         return seq
+
+    def batch_digests(self, task_id: str) -> list[tuple[bytes, int]]:
+        """(digest, samples) of every batch released to a task with a receipt."""
+        with self._lock:
+            rows = self._db.execute("SELECT batch_digest, samples FROM receipts WHERE task_id = ? ORDER BY round", (task_id,)).fetchall()
+        return [(bytes(r[0]), int(r[1])) for r in rows]
+
+    def receipts(self) -> list[tuple[str, int, bytes]]:
+        """(task, round, signed receipt) of every round this device contributed to."""
+        with self._lock:
+            rows = self._db.execute("SELECT task_id, round, receipt FROM receipts ORDER BY task_id, round").fetchall()
+        return [(r[0], int(r[1]), bytes(r[2])) for r in rows]
 
     def pending(self, limit: int = 100) -> list[Spooled]:
         with self._lock:
