@@ -22,6 +22,7 @@ from crowdfl.envelope import parse, verify
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import PublicIdentity
 from crowdfl.merkle import merkle_root
+from crowdfl.receipts import ContributionReceipt, check_receipt_plausible, check_update_against_receipt, open_receipt
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, TaskSpec, sha256_hex
 
 from .aggregation import AggregationResult
@@ -36,7 +37,7 @@ from .ledger import (
     round_ledger,
     select_customers,
 )
-from .rounds import build_round, check_update
+from .rounds import build_round, check_update, round_leaves
 from .store import ContentStore
 
 
@@ -51,6 +52,7 @@ class UpdateFinding:
     score: float | None = None
     reputation: float | None = None
     reward_wei: int = 0
+    receipt: ContributionReceipt | None = None
 
 
 @dataclass
@@ -144,6 +146,15 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             active_cache[key] = contracts.is_active(bytes.fromhex(node), role)
         return active_cache[key]
 
+    edge_cache: dict[str, str] = {}
+
+    def bound_edge(device: str) -> str:
+        if device not in edge_cache:
+            got = contracts.edge_of(bytes.fromhex(device))
+            edge_cache[device] = got.hex() if got is not None else ""
+        return edge_cache[device]
+
+    last_receipt: dict[str, ContributionReceipt] = {}
     reputation: dict[str, float] = {}  # after the previous round, as rebuilt by this audit
     leaves_seen: set[str] = set()
     for r in range(1, model.round + 1):
@@ -165,13 +176,14 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             finding.problems.append("manifest's model hash differs from the anchored one")
         if (len(manifest.accepted), len(manifest.rejected)) != (anchor.accepted, anchor.rejected):
             finding.problems.append("accepted/rejected counts differ from the anchor")
-        if manifest.updates and merkle_root([bytes.fromhex(h) for h in manifest.updates]).hex() != anchor.merkle_root.hex():
+        if manifest.updates and merkle_root([bytes.fromhex(h) for h in round_leaves(manifest.updates, manifest.receipts)]).hex() != anchor.merkle_root.hex():
             finding.problems.append("Merkle root of the manifest's updates differs from the anchored root")
         reasons = dict(x.split(":", 1) for x in manifest.rejected)
         candidates: list[tuple[str, ModelUpdate]] = []
         invalid: list[tuple[str, str]] = []
         invalid_customers: list[tuple[str, str]] = []
         customers_seen: set[str] = set()
+        round_receipts: list[str] = []
         for h in manifest.updates:
             try:
                 sealed = parse(store.get(h))
@@ -184,8 +196,29 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             finding.updates.append(UpdateFinding(h, sealed.sender_id, upd.customer, upd.num_samples, status, reasons.get(h, "")))
             if not active(sealed.sender_id, Role.EDGE):
                 finding.problems.append(f"update {h[:12]} is signed by {sealed.sender_id[:12]}, not an active edge on chain")
-            if status == "accepted" and not active(upd.customer, Role.DEVICE):
-                report.notes.append(f"customer {upd.customer[:12]} of round {r} is not active on chain now")
+            # the device's signed receipt vouches for the update's samples and inputs, and the chain
+            # binds the device to the edge that signed the update
+            try:
+                signed = open_receipt(upd.receipt)
+                check_update_against_receipt(
+                    signed, task_id=upd.task_id, round_=upd.round, customer=upd.customer, edge=sealed.sender_id,
+                    num_samples=upd.num_samples, inputs_digest=upd.inputs_digest,
+                )
+                check_receipt_plausible(signed.receipt, spec)
+            except CrowdflError as exc:
+                finding.problems.append(f"update {h[:12]}: receipt: {exc}")
+                continue
+            round_receipts.append(signed.hash)
+            finding.updates[-1].receipt = signed.receipt
+            earlier = last_receipt.get(upd.customer)
+            if earlier is not None and (signed.receipt.num_samples < earlier.num_samples or signed.receipt.num_batches < earlier.num_batches):
+                finding.problems.append(f"update {h[:12]}: receipt of {upd.customer[:12]} counts fewer samples than its earlier one")
+            last_receipt[upd.customer] = signed.receipt
+            if bound_edge(upd.customer) != sealed.sender_id:
+                finding.problems.append(
+                    f"update {h[:12]} for device {upd.customer[:12]} comes from edge {sealed.sender_id[:12]}, "
+                    "but the chain binds the device to another edge (or to none)"
+                )
             # a signed update belongs to exactly one task, round and customer slot: a coordinator
             # must not re-use an old one, or count a customer twice
             if h in leaves_seen:
@@ -205,6 +238,8 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             else:
                 invalid.append((h, reasons.get(h, "invalid").removeprefix("invalid:")))
                 invalid_customers.append((upd.customer, reasons.get(h, "invalid").removeprefix("invalid:")))
+        if sorted(set(round_receipts)) != list(manifest.receipts):
+            finding.problems.append("the manifest's receipt leaves are not the receipts inside the round's updates")
         if finding.problems:
             break
         stored: dict[str, Any] | None = None
@@ -237,7 +272,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         try:
             rebuilt = build_round(
                 spec, r, base, candidates, invalid, manifest.rule, json.loads(manifest.rule_params),
-                accuracy=manifest.held_out_accuracy, ledger=remake if stored is not None else None,
+                accuracy=manifest.held_out_accuracy, ledger=remake if stored is not None else None, receipts=round_receipts,
             )
         except (ValueError, CrowdflError) as exc:
             finding.problems.append(f"cannot re-run the aggregation: {exc}")

@@ -26,6 +26,7 @@ from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import Identity, PublicIdentity
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundStart, TaskSpec, sha256_hex
 from crowdfl.mqtt import round_topic, task_topic
+from crowdfl.receipts import check_receipt_plausible, check_update_against_receipt, open_receipt
 
 from .aggregation import AggregationResult, AggregationRule
 from .anchoring import Anchored, Anchorer
@@ -128,8 +129,8 @@ class Coordinator:
                 elif row.role != role:
                     raise ValueError(f"{pub.node_id[:16]} is already registered as {row.role}")
                 else:
-                    if not row.active:
-                        row.on_chain = False  # the chain still has it removed
+                    if not row.active or row.edge != edge:
+                        row.on_chain = False  # the chain still has it removed, or bound to another edge
                     row.active, row.edge, row.removed_at = True, edge, None
         self.sync_registry()
 
@@ -169,6 +170,14 @@ class Coordinator:
                     if missing:
                         self.contracts.register_many(missing)
                 done += [(p.node_id, True) for p in batch]
+            # device -> edge bindings, once both ends are on chain (the coordinator refuses an
+            # update whose device is not bound to the submitting edge on chain)
+            edges_on_chain = {p.node_id for p in adds if p.role == "edge"}
+            with self.sessions() as s:
+                edges_on_chain |= set(s.scalars(select(Participant.node_id).where(Participant.role == "edge", Participant.active, Participant.on_chain)))
+            pairs = [(bytes.fromhex(p.node_id), bytes.fromhex(p.edge)) for p in adds if p.role == "device" and p.edge in edges_on_chain]
+            for i in range(0, len(pairs), 50):
+                self.contracts.bind_edges(pairs[i : i + 50])
             for p in drops:
                 key = bytes.fromhex(p.node_id)
                 if self.contracts.is_active(key, role[p.node_id]):
@@ -347,6 +356,25 @@ class Coordinator:
                 if prior.update_hash == update_hash:
                     return IntakeResult(200, "duplicate", "", update_hash)
                 return IntakeResult(409, "rejected", "conflict: another update for this customer and round was received first")
+            # the device's own signed receipt must vouch for the update's sample count and inputs,
+            # and the chain must bind the device to the submitting edge
+            try:
+                signed = open_receipt(update.receipt)
+                check_update_against_receipt(
+                    signed, task_id=update.task_id, round_=update.round, customer=update.customer, edge=sealed.sender_id,
+                    num_samples=update.num_samples, inputs_digest=update.inputs_digest,
+                )
+                check_receipt_plausible(signed.receipt, spec)
+            except WireError as exc:
+                log.warning("update from %s for %s refused: %s", sealed.sender_id[:12], update.customer[:12], exc)
+                return IntakeResult(422, "rejected", str(exc), update_hash)
+            try:
+                bound = self.contracts.edge_of(bytes.fromhex(update.customer))
+            except ChainError as exc:
+                return IntakeResult(503, "rejected", f"chain_unavailable: cannot check the device's edge on chain ({exc})")
+            if bound is None or bound.hex() != sealed.sender_id:
+                log.warning("update from %s for %s refused: device not bound to this edge on chain", sealed.sender_id[:12], update.customer[:12])
+                return IntakeResult(403, "rejected", "wrong_edge_on_chain: the chain does not bind this device to this edge", update_hash)
             # from here on the update is the customer's, from its edge: an invalid one is kept,
             # anchored and shown as rejected with its reason (and scores 0 for reputation)
             reason = ""
@@ -387,7 +415,13 @@ class Coordinator:
                 if rnd.status != "open":
                     return self._summary(rnd)
                 ups = list(s.scalars(select(Update).where(Update.task_id == task_id, Update.round == round_)))
-            candidates = [(u.update_hash, CODEC.decode(parse(self.store.get(u.update_hash)).body, ModelUpdate)) for u in ups if u.status == "received"]
+            decoded = {u.update_hash: CODEC.decode(parse(self.store.get(u.update_hash)).body, ModelUpdate) for u in ups}
+            candidates = [(u.update_hash, decoded[u.update_hash]) for u in ups if u.status == "received"]
+            receipts = []
+            for mu in decoded.values():
+                if mu.receipt:
+                    receipts.append(self.store.put(mu.receipt))  # the device's receipt, a leaf of the round
+
             invalid = [(u.update_hash, u.reason or "invalid") for u in ups if u.status == "rejected"]
             rule = effective_rule(spec.aggregation, len(candidates))
             params = rule_params(rule, len(candidates), self.byzantine_fraction, self.trim_beta)
@@ -407,7 +441,7 @@ class Coordinator:
                 ledgers.append(ledger)
                 return self.store.put(ledger_bytes(ledger))
 
-            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluators.get(task_id, self.evaluate), ledger=make_ledger)
+            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluators.get(task_id, self.evaluate), ledger=make_ledger, receipts=receipts)
             ledger = ledgers[0]
             model_hash = self.store.put(built.model_bytes)
             manifest_hash = self.store.put(built.manifest_bytes)

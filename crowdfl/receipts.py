@@ -27,7 +27,7 @@ from typing import ClassVar
 from .errors import WireError
 from .identity import Identity, Verifier
 from .merkle import merkle_proof, merkle_root, verify_proof
-from .messages import FeatureBatch
+from .messages import FeatureBatch, TaskSpec
 from .wire import Codec
 
 SIGNATURE_BYTES = 64
@@ -125,6 +125,22 @@ def check_receipt_fields(r: ContributionReceipt) -> None:
         raise ValueError("receipt needs 1 <= num_batches <= num_samples < 2^31")
     if not (math.isfinite(r.epsilon) and r.epsilon > 0):
         raise ValueError("receipt.epsilon must be a positive number")
+
+
+def check_receipt_plausible(r: ContributionReceipt, spec: TaskSpec) -> None:
+    """What the task allows a device to have released by a round: one batch a round, at most
+    ``samples_per_round`` samples a batch, at the task's epsilon. A receipt beyond that claims
+    samples that were never released."""
+    if r.task_id != spec.task_id or not 1 <= r.round <= spec.rounds:
+        raise WireError("receipt_mismatch", "receipt is for another task or a round the task does not have")
+    if r.num_batches > r.round:
+        raise WireError("receipt_batches", f"receipt claims {r.num_batches} batches by round {r.round} (one a round)")
+    if r.num_samples > r.num_batches * spec.samples_per_round:
+        raise WireError(
+            "receipt_samples", f"receipt claims {r.num_samples} samples in {r.num_batches} batch(es) of at most {spec.samples_per_round}"
+        )
+    if r.epsilon != spec.epsilon:
+        raise WireError("receipt_epsilon", f"receipt's epsilon {r.epsilon} is not the task's {spec.epsilon}")
 
 
 def check_update_against_receipt(

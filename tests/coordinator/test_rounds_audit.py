@@ -18,6 +18,7 @@ from crowdfl.envelope import seal
 from crowdfl.identity import Identity
 from crowdfl.merkle import verify_proof
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, sha256_hex
+from tests.coordinator.world import update_env
 from tests.helpers import make_spec
 
 
@@ -41,11 +42,6 @@ def world(tmp_path: Path):  # type: ignore[no-untyped-def]
     return coord, spec, edge, devices, store, contracts, published
 
 
-def update_env(edge: Identity, spec, round_: int, customer: str, base: str, scale: float, seq: int, n: int = 10) -> bytes:  # type: ignore[no-untyped-def]
-    rng = np.random.default_rng(seq)
-    weights = tuple((w + scale * rng.standard_normal(w.shape)).astype(np.float32) for w in initial_back_weights(spec, 1))
-    mu = ModelUpdate(spec.task_id, round_, customer, base, weights, n, "ab" * 32, 0.1)
-    return seal(CODEC.encode(mu), edge, seq)
 
 
 def test_intake_accepts_dedupes_and_rejects_with_reasons(world) -> None:  # type: ignore[no-untyped-def]
