@@ -264,7 +264,7 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
     @app.get("/api/v1/tasks/<task_id>/anchors")
     def anchors(task_id: str) -> Any:
         keys = ("round", "status", "merkle_root", "model_hash", "manifest_hash", "ledger_hash", "tx_hash", "block_number",
-                "gas_used", "scores_tx", "scores_block", "credit_tx", "credit_block", "anchor_attempts", "anchor_error")
+                "gas_used", "settle_gas", "round_gas", "credit_tx", "credit_block", "anchor_attempts", "anchor_error")
         return jsonify([{k: r[k] for k in keys} for r in coord.rounds(task_or_404(task_id)) if r["status"] != "open"])
 
     @app.get("/api/v1/tasks/<task_id>/model")

@@ -27,17 +27,16 @@ from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, Ta
 
 from .aggregation import AggregationResult
 from .chain import ChainError
-from .contracts import CrowdContracts, Role, RoundEntries
+from .contracts import CrowdContracts, Role
 from .ledger import (
     LedgerPolicy,
-    chain_credits,
-    chain_scores,
     ledger_bytes,
     parse_ledger,
     round_ledger,
     select_customers,
 )
 from .rounds import build_round, check_update, round_leaves
+from .settlement import settle
 from .store import ContentStore
 
 
@@ -97,10 +96,16 @@ class AuditReport:
             if r.ledger_hash:
                 paid = sum(u.reward_wei for u in r.updates)
                 out.append(
-                    f"    ledger {r.ledger_hash[:12]}: {r.selected} selected, scores on chain "
-                    f"{'tx ' + r.scores_tx[:18] + '…' if r.scores_tx else 'not yet'}, {paid} wei rewarded"
+                    f"    ledger {r.ledger_hash[:12]}: {r.selected} selected, {paid} wei rewarded, settled on chain"
                     + (f" (tx {r.credit_tx[:18]}…)" if r.credit_tx else "")
                 )
+            for u in r.updates:
+                if u.receipt is not None:
+                    out.append(
+                        f"    device {u.customer[:12]} via edge {u.edge[:12]}: {u.receipt.num_samples} samples in "
+                        f"{u.receipt.num_batches} signed batch(es) at epsilon {u.receipt.epsilon:g}, {u.status}"
+                        + (f", reward {u.reward_wei} wei" if u.reward_wei else "")
+                    )
             for u in r.updates:
                 if u.status != "accepted":
                     out.append(f"    rejected {u.update_hash[:12]} (customer {u.customer[:12]}, edge {u.edge[:12]}): {u.reason}")
@@ -123,8 +128,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             report.problems.append("the task's anchored spec names another task id")
             return report
         anchors = {a.round: a for a in contracts.anchors(tid)}
-        scored = contracts.scores_set(tid)
-        credited = contracts.credits(tid)
+        settled_tx = contracts.settled_rounds(tid)
     except (CrowdflError, ChainError, ValueError) as exc:
         report.problems.append(f"cannot start: {exc}")
         return report
@@ -284,12 +288,24 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             if ledger_bytes(again) != ledger_bytes(stored):
                 differs = sorted(k for k in again if again[k] != stored.get(k))
                 finding.problems.append(f"the ledger does not follow from the round's updates and history ({', '.join(differs)} differ)")
-            _check_chain_record(finding, scored.get(r), chain_scores(again), lambda v: round(v * 1000), "scores")
-            _check_chain_record(finding, credited.get(r), chain_credits(again), lambda v: v, "rewards")
-            if scored.get(r):
-                finding.scores_tx = "0x" + scored[r].tx_hash.hex()
-            if credited.get(r):
-                finding.credit_tx = "0x" + credited[r].tx_hash.hex()
+            paid_unselected = sorted(c for c, v in stored["rewards"].items() if int(v) > 0 and c not in set(stored["selected"]))
+            if paid_unselected:
+                finding.problems.append(f"the ledger pays customer {paid_unselected[0][:12]}, who was not selected for the round")
+            plan = settle(again)
+            try:
+                on_chain = contracts.settlement(tid, r)
+            except ChainError as exc:
+                on_chain = None
+                finding.problems.append(f"cannot read the round's settlement: {exc}")
+            if on_chain is None:
+                finding.problems.append(f"round {r} is not settled on chain")
+            elif (on_chain.root, on_chain.total_wei, on_chain.customers) != (plan.root, plan.total_wei, len(plan.leaves)):
+                finding.problems.append(
+                    f"the settlement on chain (root {on_chain.root.hex()[:12]}, {on_chain.total_wei} wei) is not the one the "
+                    f"round's recomputed ledger implies (root {plan.root.hex()[:12]}, {plan.total_wei} wei)"
+                )
+            if r in settled_tx:
+                finding.credit_tx = "0x" + settled_tx[r][0].hex()
             for u in finding.updates:
                 u.score = again["scores"].get(u.customer)
                 u.reputation = again["reputation_after"].get(u.customer)
@@ -302,21 +318,3 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         report.problems.append(f"round {model.round}'s anchored model is {anchors[model.round].model_hash.hex()[:16]}…, not this one")
     report.notes.append("registry checks use the chain's current registry state")
     return report
-
-
-def _check_chain_record(
-    finding: RoundFinding, record: RoundEntries | None, expected: dict[str, Any], to_chain: Any, what: str
-) -> None:
-    """The chain's setScores / credit of a round must match the ledger; it may leave out customers
-    removed before it was sent, and may still be pending (a note, not a problem)."""
-    if record is None:
-        if expected:
-            finding.notes.append(f"{what} of round {finding.round} not (yet) recorded on chain")
-        return
-    want = {bytes.fromhex(c): int(to_chain(v)) for c, v in expected.items()}
-    for key, value in record.values.items():
-        if key not in want:
-            finding.problems.append(f"chain {what} name 0x{key.hex()[:12]}, which the ledger does not")
-        elif want[key] != value:
-            finding.problems.append(f"chain {what} for 0x{key.hex()[:12]} is {value}, the ledger says {want[key]}")
-

@@ -554,7 +554,8 @@ class Coordinator:
                 "block_number": r.block_number, "gas_used": r.gas_used, "ledger_hash": r.ledger_hash,
                 "opened_at": r.opened_at, "closed_at": r.closed_at, "settled": r.settled,
                 "scores_tx": r.scores_tx, "scores_block": r.scores_block, "credit_tx": r.credit_tx,
-                "credit_block": r.credit_block, "anchor_attempts": r.anchor_attempts, "anchor_error": r.anchor_error,
+                "credit_block": r.credit_block, "settle_gas": r.settle_gas,
+                "round_gas": (r.gas_used or 0) + (r.settle_gas or 0), "anchor_attempts": r.anchor_attempts, "anchor_error": r.anchor_error,
                 "settle_note": r.settle_note,
             }
             for r in rows
