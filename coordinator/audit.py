@@ -150,13 +150,24 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             active_cache[key] = contracts.is_active(bytes.fromhex(node), role)
         return active_cache[key]
 
-    edge_cache: dict[str, str] = {}
+    try:
+        history = contracts.edge_history()
+    except ChainError as exc:
+        report.problems.append(f"cannot read the registry's device bindings: {exc}")
+        return report
 
-    def bound_edge(device: str) -> str:
-        if device not in edge_cache:
-            got = contracts.edge_of(bytes.fromhex(device))
-            edge_cache[device] = got.hex() if got is not None else ""
-        return edge_cache[device]
+    def bound_edge(device: str, block: int) -> str:
+        """The edge the chain last bound the device to before the round's anchor ("" if never).
+
+        A removal after the binding does not undo a contribution made before it (the coordinator
+        refuses updates of removed devices at intake); a re-binding to another edge does."""
+        edge: bytes | None = None
+        for at, _, e in history.get(bytes.fromhex(device), []):
+            if at > block:
+                break
+            if e is not None:
+                edge = e
+        return edge.hex() if edge is not None else ""
 
     last_receipt: dict[str, ContributionReceipt] = {}
     reputation: dict[str, float] = {}  # after the previous round, as rebuilt by this audit
@@ -218,7 +229,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             if earlier is not None and (signed.receipt.num_samples < earlier.num_samples or signed.receipt.num_batches < earlier.num_batches):
                 finding.problems.append(f"update {h[:12]}: receipt of {upd.customer[:12]} counts fewer samples than its earlier one")
             last_receipt[upd.customer] = signed.receipt
-            if bound_edge(upd.customer) != sealed.sender_id:
+            if bound_edge(upd.customer, anchor.block_number) != sealed.sender_id:
                 finding.problems.append(
                     f"update {h[:12]} for device {upd.customer[:12]} comes from edge {sealed.sender_id[:12]}, "
                     "but the chain binds the device to another edge (or to none)"
@@ -316,5 +327,5 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         base = anchor.model_hash.hex()
     if anchors[model.round].model_hash.hex() != model_hash:
         report.problems.append(f"round {model.round}'s anchored model is {anchors[model.round].model_hash.hex()[:16]}…, not this one")
-    report.notes.append("registry checks use the chain's current registry state")
+    report.notes.append("edge servers are checked against the chain's current registry; device bindings as of each round's anchor block")
     return report

@@ -237,6 +237,28 @@ class CrowdContracts:
         raw = _out_b32(self.client.call(self.registry.functions.edgeOf(_b32(device, "device"))), "edgeOf")
         return None if raw == bytes(32) else raw
 
+    def edge_history(self) -> dict[bytes, list[tuple[int, int, bytes | None]]]:
+        """device -> [(block, log index, edge or None when removed)] from the Registry's EdgeBound and Removed events.
+
+        The audit asks which edge a device was bound to when its round was anchored, so a device
+        removed later does not fail an audit of rounds it took part in."""
+        out: dict[bytes, list[tuple[int, int, bytes | None]]] = {}
+        for event, is_bind in ((self.registry.events.EdgeBound(), True), (self.registry.events.Removed(), False)):
+            for ev in self.client.logs(event, {}, from_block=self.from_block):
+                if ev.get("removed"):
+                    continue
+                if str(ev.get("address", "")).lower() != str(self.registry.address).lower():
+                    raise ChainError(f"registry log from unexpected address {ev.get('address')!r}")
+                args = ev.get("args")
+                if not isinstance(args, Mapping):
+                    raise ChainError("registry log without decoded args")
+                key = _out_b32(args.get("device") if is_bind else args.get("key"), "registry log key")
+                at = (_out_uint(ev.get("blockNumber"), "log.blockNumber", _UINT64_MAX), _out_uint(ev.get("logIndex", 0), "log.logIndex", _UINT64_MAX))
+                out.setdefault(key, []).append((*at, _out_b32(args.get("edge"), "EdgeBound.edge") if is_bind else None))
+        for entries in out.values():
+            entries.sort(key=lambda e: (e[0], e[1]))
+        return out
+
     def payout_of(self, key: bytes) -> str | None:
         addr = _address(self.client.call(self.registry.functions.payoutOf(_b32(key, "key"))), "payoutOf")
         return None if int(addr, 16) == 0 else addr
