@@ -34,6 +34,7 @@ from .chain import ChainError
 from .contracts import CrowdContracts, Role
 from .db import Participant, Reputation, Round, Task, Update
 from .ledger import LedgerPolicy, ledger_bytes, parse_ledger, round_ledger, round_pool, select_customers
+from .settlement import settle
 from .rounds import build_round, check_update, effective_rule, rule_params
 from .store import ContentStore
 
@@ -711,6 +712,20 @@ class Coordinator:
                 "front_model_hash": spec.front_model_hash, "initial_model_hash": spec.initial_model_hash,
             })
         return out
+
+    def claim_proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
+        """A customer's settlement leaf and proof for ``claim`` (anyone can check it against the chain)."""
+        ledger = self.ledger(task_id, round_)
+        if ledger is None:
+            return None
+        try:
+            leaf, proof = settle(ledger).proof(customer)
+        except KeyError:
+            return None
+        return {
+            "task_id": task_id, "round": round_, "customer": customer, "reputation_milli": leaf.reputation_milli,
+            "amount_wei": str(leaf.amount_wei), "proof": [p.hex() for p in proof],
+        }
 
     def proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
         with self.sessions() as s:
