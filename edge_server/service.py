@@ -83,6 +83,7 @@ class EdgeServer:
         drain_wait_s: float = 0.05,
         resubmit_every_s: float = 5.0,
         ingest_workers: int = 0,
+        retention_s: float = 90 * 86400.0,
     ) -> None:
         self.identity = identity
         self.coordinator = coordinator
@@ -94,6 +95,7 @@ class EdgeServer:
         self.drain_max = drain_max
         self.drain_wait_s = drain_wait_s
         self.resubmit_every_s = resubmit_every_s
+        self.retention_s = retention_s
         self.tasks: dict[str, TaskSpec] = {}
         self.rounds: dict[str, RoundStart] = {}
         self.ingestor = Ingestor(identity, store, self.tasks.get, workers=ingest_workers)
@@ -175,8 +177,21 @@ class EdgeServer:
             n += self._maybe_schedule(task_id, rs.round, device)
         return n
 
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete the batches (the evidence) of tasks whose deadline plus the retention has passed."""
+        now = time.time() if now is None else now
+        n = 0
+        for task_id, spec in list(self.tasks.items()):
+            if spec.deadline + self.retention_s < now:
+                gone = self.store.purge_batches(task_id)
+                if gone:
+                    log.info("retention over for task %s: deleted %d batches", task_id[:12], gone)
+                n += gone
+        return n
+
     def reconcile(self) -> int:
         """Re-create training jobs the in-memory queue lost (restart) or that failed (after a back-off)."""
+        self.purge_expired()
         for job in [j for j in self._retry_at if self.rounds.get(j.task_id) is None or self.rounds[j.task_id].round != j.round]:
             del self._retry_at[job]  # rounds that are over: nothing left to retry
         n = 0
