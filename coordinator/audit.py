@@ -80,6 +80,7 @@ class AuditReport:
     rounds: list[RoundFinding] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)  # said plainly: what this audit could not verify
 
     @property
     def ok(self) -> bool:
@@ -113,6 +114,7 @@ class AuditReport:
             out.extend(f"    note: {n}" for n in r.notes)
         out.extend(f"  PROBLEM: {p}" for p in self.problems)
         out.extend(f"  note: {n}" for n in self.notes)
+        out.extend(f"  not checked: {u}" for u in self.unchecked)
         return out
 
 
@@ -169,6 +171,24 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
                 edge = e
         return edge.hex() if edge is not None else ""
 
+    def chain_devices(block: int) -> list[str]:
+        """Devices bound to an edge and not removed as of a block."""
+        out = []
+        for device, events in history.items():
+            state: bytes | None = None
+            for at, _, e in events:
+                if at > block:
+                    break
+                state = e
+            if state is not None:
+                out.append(device.hex())
+        return out
+
+    try:
+        created_block = contracts.task_created_block(tid)
+    except ChainError as exc:
+        report.problems.append(f"cannot read the task's creation: {exc}")
+        return report
     last_receipt: dict[str, ContributionReceipt] = {}
     reputation: dict[str, float] = {}  # after the previous round, as rebuilt by this audit
     leaves_seen: set[str] = set()
@@ -267,6 +287,15 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             except (CrowdflError, ValueError, TypeError) as exc:
                 finding.problems.append(f"ledger: {exc}")
                 break
+            # the eligible customers are the chain's: none the registry never bound before the anchor,
+            # none left out that it had bound (and not removed) when the previous round was anchored
+            since = anchors[r - 1].block_number if r > 1 else created_block
+            phantom = sorted(c for c in stored["eligible"] if not bound_edge(c, anchor.block_number))
+            left_out = sorted(c for c in chain_devices(since) if c not in set(stored["eligible"]))
+            if phantom:
+                finding.problems.append(f"the eligible list names {phantom[0][:12]}, which the chain never registered to an edge")
+            if left_out:
+                finding.problems.append(f"the eligible list leaves out {left_out[0][:12]}, which the chain had registered and not removed")
             selected = select_customers(policy, reputation, stored["eligible"], spec.task_id, r)
             finding.selected = len(selected)
             if list(selected) != stored["selected"]:
@@ -328,4 +357,8 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
     if anchors[model.round].model_hash.hex() != model_hash:
         report.problems.append(f"round {model.round}'s anchored model is {anchors[model.round].model_hash.hex()[:16]}…, not this one")
     report.notes.append("edge servers are checked against the chain's current registry; device bindings as of each round's anchor block")
+    report.unchecked.extend([
+        "held-out accuracy: the manifest's figure is the coordinator's; its held-out set is not published, so it is not recomputed",
+        "selection seed: sha256(task id, round), public from the task's publication; the coordinator chose the task id",
+    ])
     return report

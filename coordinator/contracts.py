@@ -237,6 +237,16 @@ class CrowdContracts:
         raw = _out_b32(self.client.call(self.registry.functions.edgeOf(_b32(device, "device"))), "edgeOf")
         return None if raw == bytes(32) else raw
 
+    def task_created_block(self, task_id: bytes) -> int:
+        """Block of the task's TaskCreated event (0 when none is found)."""
+        tid = _b32(task_id, "task_id")
+        blocks = [
+            _out_uint(ev.get("blockNumber"), "log.blockNumber", _UINT64_MAX)
+            for ev in self.client.logs(self.tasks.events.TaskCreated(), {"taskId": tid}, from_block=self.from_block)
+            if not ev.get("removed") and str(ev.get("address", "")).lower() == str(self.tasks.address).lower()
+        ]
+        return min(blocks) if blocks else 0
+
     def edge_history(self) -> dict[bytes, list[tuple[int, int, bytes | None]]]:
         """device -> [(block, log index, edge or None when removed)] from the Registry's EdgeBound and Removed events.
 

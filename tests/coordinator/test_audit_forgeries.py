@@ -155,3 +155,15 @@ def test_an_update_for_a_device_of_another_edge(contracts: CrowdContracts, tmp_p
     summary = w.coord.close_round(spec.task_id, 1)
     w.coord.anchor_pending()
     _failed_with(audit_model(contracts, w.store, summary.model_hash), "the chain binds the device to another edge")
+
+
+def test_an_eligible_list_that_leaves_out_a_registered_customer(contracts: CrowdContracts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = make_world(contracts, f"sqlite:///{tmp_path / 'c.sqlite'}", tmp_path)
+    spec, initial = task_parts(rounds=1)
+    w.coord.publish_task(spec, FRONT, initial, reward_wei=1000)
+    real = w.coord.eligible
+    dropped = w.devices[0].node_id
+    monkeypatch.setattr(w.coord, "eligible", lambda: [c for c in real() if c != dropped])
+    model = _round(w, spec, 1)
+    problems = _failed_with(audit_model(contracts, w.store, model), "leaves out")
+    assert any(dropped[:12] in p for p in problems)
