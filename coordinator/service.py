@@ -24,7 +24,7 @@ from crowdfl.backmodel import accuracy
 from crowdfl.envelope import parse, seal, verify
 from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import Identity, PublicIdentity
-from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundStart, TaskSpec, sha256_hex
+from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, RoundStart, TaskSpec, sha256_hex
 from crowdfl.mqtt import round_topic, task_topic
 from crowdfl.receipts import check_receipt_plausible, check_update_against_receipt, open_receipt
 
@@ -34,8 +34,8 @@ from .chain import ChainError
 from .contracts import CrowdContracts, Role
 from .db import Participant, Reputation, Round, Task, Update
 from .ledger import LedgerPolicy, ledger_bytes, parse_ledger, round_ledger, round_pool, select_customers
-from .settlement import settle
-from .rounds import build_round, check_update, effective_rule, rule_params
+from .settlement import settle, to_milli
+from .rounds import build_round, check_update, effective_rule, leaf_proof, rule_params
 from .store import ContentStore
 
 log = logging.getLogger(__name__)
@@ -719,13 +719,44 @@ class Coordinator:
         if ledger is None:
             return None
         try:
-            leaf, proof = settle(ledger).proof(customer)
+            _, proof = settle(ledger).proof(customer)
         except KeyError:
             return None
+        with self.sessions() as s:
+            row = s.get(Reputation, (task_id, round_, customer))
+        if row is None:
+            return None
+        # the figures are the ones the dashboard shows (the database); the chain's settlement root
+        # decides whether they are true (crowdfl-agent verify checks them against it)
         return {
-            "task_id": task_id, "round": round_, "customer": customer, "reputation_milli": leaf.reputation_milli,
-            "amount_wei": str(leaf.amount_wei), "proof": [p.hex() for p in proof],
+            "task_id": task_id, "round": round_, "customer": customer, "reputation_milli": to_milli(row.reputation),
+            "amount_wei": str(row.reward_wei), "proof": [p.hex() for p in proof],
         }
+
+    def leaf_proof(self, task_id: str, round_: int, leaf: str) -> dict[str, Any] | None:
+        """Merkle siblings of an update or receipt hash in a closed round's anchored tree."""
+        with self.sessions() as s:
+            rnd = s.get(Round, (task_id, round_))
+        if rnd is None or not rnd.manifest_hash:
+            return None
+        manifest = CODEC.decode(self.store.get(rnd.manifest_hash), RoundManifest)
+        try:
+            return {"leaf": leaf, "proof": leaf_proof(manifest, leaf), "merkle_root": rnd.merkle_root}
+        except ValueError:
+            return None
+
+    def submit_claim(self, task_id: str, round_: int, customer: str) -> dict[str, Any]:
+        """Send a customer's claim on its behalf (the contract pays the customer's registered payout)."""
+        tid, key = bytes.fromhex(task_id), bytes.fromhex(customer)
+        if self.contracts.is_claimed(tid, round_, key):
+            return {"status": "already_claimed"}
+        leaf = self.claim_proof(task_id, round_, customer)
+        if leaf is None:
+            raise KeyError(customer)
+        receipt = self.contracts.claim(
+            tid, round_, key, leaf["reputation_milli"], int(leaf["amount_wei"]), [bytes.fromhex(p) for p in leaf["proof"]]
+        )
+        return {"status": "claimed", "tx_hash": "0x" + receipt.tx_hash.hex(), "amount_wei": leaf["amount_wei"]}
 
     def proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
         with self.sessions() as s:
