@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from crowdfl.artifacts import fetch_artifact
+from crowdfl.receipts import open_receipt
 from crowdfl.errors import CrowdflError
 from crowdfl.devices import DEVICE_KINDS
 from crowdfl.identity import Identity, PublicIdentity, short_id
@@ -190,6 +191,32 @@ def run(cfg: AgentConfig) -> int:
     return 0
 
 
+def verify_or_claim(cfg: AgentConfig, command: str) -> int:
+    from .chainview import ChainView
+    from .verify import claim, coordinator_json, verify
+
+    if not (cfg.chain.rpc_url and cfg.chain.tasks_address and cfg.chain.registry_address):
+        raise CrowdflError("config", "[chain] rpc_url, tasks_address and registry_address are needed to check the chain")
+    if not cfg.coordinator.url:
+        raise CrowdflError("config", "coordinator.url is needed to fetch the Merkle proofs")
+    ident = Identity.load(cfg.key_file)
+    state = AgentState(cfg.state_dir / "state.sqlite")
+    try:
+        receipts = [(t, r, raw, open_receipt(raw).receipt.num_samples) for t, r, raw in state.receipts()]
+    finally:
+        state.close()
+    chain = ChainView(cfg.chain.rpc_url, cfg.chain.tasks_address, cfg.chain.registry_address)
+    fetch = coordinator_json(cfg.coordinator.url)
+    if command == "claim":
+        for line in claim(receipts, ident.node_id, chain, fetch):
+            print(line)
+        return 0
+    report = verify(receipts, ident.node_id, chain, fetch)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crowdfl-agent", description="The crowdfl device agent.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default: INFO)")
@@ -199,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     provision_cmd = sub.add_parser("provision", help="generate the keys on first boot and print what the manufacturer registers")
     imp = sub.add_parser("import", help="import usage reports from a CSV (.csv) or JSON-lines file")
     imp.add_argument("file", type=Path, help="usage reports: .csv (device_id,kind,ts,power_w,energy_total_kwh,on) or .jsonl, one report per line")
-    add_config_option(p, [run_cmd, status_cmd, provision_cmd, imp], "TOML file (CROWDFL_AGENT__* variables override it)")
+    verify_cmd = sub.add_parser("verify", help="check through [chain] rpc_url that every receipt is anchored, and what can be claimed")
+    claim_cmd = sub.add_parser("claim", help="claim every verified, unclaimed reward (paid to the registered payout)")
+    add_config_option(p, [run_cmd, status_cmd, provision_cmd, imp, verify_cmd, claim_cmd], "TOML file (CROWDFL_AGENT__* variables override it)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -209,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(provision(cfg), indent=2))
         elif args.command == "status":
             print(json.dumps(status(cfg), indent=2))
+        elif args.command in ("verify", "claim"):
+            return verify_or_claim(cfg, args.command)
         elif args.command == "import":
             usage = UsageLog(cfg.state_dir / "usage.sqlite")
             try:

@@ -96,6 +96,16 @@ class PlugSettings:
 
 
 @dataclass(frozen=True)
+class ChainSettings:
+    """The device's own view of the chain for ``crowdfl-agent verify``: a JSON-RPC URL the owner
+    chooses (not necessarily the manufacturer's) and the contracts' addresses."""
+
+    rpc_url: str = ""
+    tasks_address: str = ""  # CrowdTasks
+    registry_address: str = ""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path = Path("/var/lib/crowdfl-agent")
     mqtt: MqttSettings = field(default_factory=MqttSettings)
@@ -106,6 +116,7 @@ class AgentConfig:
     source: SourceSettings = field(default_factory=SourceSettings)
     plug_mqtt: MqttSettings = field(default_factory=MqttSettings)  # the home's broker, where the plugs publish
     plugs: tuple[PlugSettings, ...] = ()
+    chain: ChainSettings = field(default_factory=ChainSettings)
     max_spool_mb: float = 64.0
     resend_after_s: float = 30.0
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long to wait for the edge to acknowledge the spool

@@ -7,6 +7,7 @@ usage_log -> samples -> front (int8 TFLite) -> privacy (clip + Laplace) -> state
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,8 +21,9 @@ import numpy as np
 from crowdfl.envelope import open_envelope, seal
 from crowdfl.errors import CrowdflError, PrivacyError, WireError
 from crowdfl.identity import Identity, PublicIdentity, short_id
-from crowdfl.messages import CODEC, Ack, FeatureBatch, Nack, RoundStart, TaskSpec
 from crowdfl.front import FrontModel
+from crowdfl.messages import CODEC, Ack, FeatureBatch, Nack, RoundStart, TaskSpec
+from crowdfl.receipts import ContributionReceipt, batch_digest, batches_root, sign_receipt
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic, feature_topic
 
 from .privacy import PrivacyPolicy, privatise_features, randomised_response, releasable, release_spend, select_within_caps
@@ -217,11 +219,21 @@ class Agent:
         noisy = privatise_features(task.front(chosen.inputs), spec, self.rng)
         labels = randomised_response(chosen.labels, spec.num_classes, spec.label_epsilon, self.rng)
         batch = FeatureBatch(spec.task_id, round_, chosen.ids, noisy, labels.astype(np.int8), spec.epsilon, spec.clip_l1)
-        body = CODEC.encode(batch)
+        digest = batch_digest(batch)
+        prior = self.state.batch_digests(spec.task_id)
+        receipt = sign_receipt(
+            ContributionReceipt(
+                spec.task_id, round_, self.identity.node_id, self.edge.node_id, sum(n for _, n in prior) + len(chosen),
+                len(prior) + 1, batches_root([d for d, _ in prior] + [digest]), float(spec.epsilon),
+            ),
+            self.identity,
+        )
+        body = CODEC.encode(dataclasses.replace(batch, receipt=receipt.raw))
         topic = feature_topic(short_id(self.edge.node_id), self.short)
         seq = self.state.release(
             spec.task_id, round_, chosen.ids, spec.epsilon, topic, lambda s: seal(body, self.identity, s, self.edge),
             spend=release_spend(chosen.ids, spec), caps=self.policy.caps,
+            receipt=(digest, receipt.raw),
         )
         self.stats.contributions += 1
         self.stats.samples_released += len(chosen)

@@ -39,6 +39,14 @@ CREATE TABLE IF NOT EXISTS spool (
     created_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS receipts (
+    task_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    batch_digest BLOB NOT NULL,
+    samples INTEGER NOT NULL,
+    receipt BLOB NOT NULL,
+    PRIMARY KEY (task_id, round)
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS released_round ON released (task_id, round);
 CREATE TABLE IF NOT EXISTS hour_budget (hour INTEGER PRIMARY KEY, epsilon REAL NOT NULL);
@@ -136,10 +144,14 @@ class AgentState:
         seal: Callable[[int], bytes],
         spend: Spend | None = None,
         caps: HourCaps | None = None,
+        receipt: tuple[bytes, bytes] | None = None,
     ) -> int:
         """Atomically record the release, add ``spend`` to the hours and days it reads (refusing
         with ``PrivacyError("budget_exceeded")`` if that would pass ``caps``), take a sequence
-        number and spool ``seal(seq)``."""
+        number and spool ``seal(seq)``.
+
+        ``receipt`` is (batch digest, signed receipt) of the round, kept for ``crowdfl-agent verify``
+        and for the next round's receipt (which covers every batch so far)."""
         ids = [int(s) for s in sample_ids]
         now = time.time()
         with self._lock:
@@ -162,6 +174,10 @@ class AgentState:
                     "INSERT INTO released VALUES (?, ?, ?, ?, ?, ?)",
                     [(s, task_id, round_, float(epsilon), seq, now) for s in ids],
                 )
+                if receipt is not None:
+                    self._db.execute(
+                        "INSERT INTO receipts VALUES (?, ?, ?, ?, ?)", (task_id, int(round_), receipt[0], len(ids), receipt[1])
+                    )
                 payload = seal(seq)
                 self._db.execute("INSERT INTO spool (seq, topic, payload, created_at) VALUES (?, ?, ?, ?)", (seq, topic, payload, now))
                 self._db.execute("COMMIT")
@@ -212,6 +228,18 @@ class AgentState:
             bh = self._db.execute("SELECT hour FROM hour_budget ORDER BY epsilon DESC, hour LIMIT 1").fetchone()
             bd = self._db.execute("SELECT day FROM day_budget ORDER BY epsilon DESC, day LIMIT 1").fetchone()
         return HourBudgetReport(int(n), float(max_h), float(max_d), int(bh[0]) if bh else None, int(bd[0]) if bd else None)
+
+    def batch_digests(self, task_id: str) -> list[tuple[bytes, int]]:
+        """(digest, samples) of every batch released to a task with a receipt."""
+        with self._lock:
+            rows = self._db.execute("SELECT batch_digest, samples FROM receipts WHERE task_id = ? ORDER BY round", (task_id,)).fetchall()
+        return [(bytes(r[0]), int(r[1])) for r in rows]
+
+    def receipts(self) -> list[tuple[str, int, bytes]]:
+        """(task, round, signed receipt) of every round this device contributed to."""
+        with self._lock:
+            rows = self._db.execute("SELECT task_id, round, receipt FROM receipts ORDER BY task_id, round").fetchall()
+        return [(r[0], int(r[1]), bytes(r[2])) for r in rows]
 
     def pending(self, limit: int = 100) -> list[Spooled]:
         with self._lock:

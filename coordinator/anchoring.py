@@ -1,9 +1,10 @@
 """Anchoring closed rounds on chain, in order, exactly once; then mirroring their scores and rewards.
 
-A round is anchored by one transaction carrying the Merkle root of all its updates, the new global
-model's hash and the manifest's hash; it is then settled by a setScores transaction (the new
-reputation of every customer scored in the round) and, when the round pays anything, a credit
-transaction (its rewards), both read from the round's ledger. The queue is the database (rounds
+A round is anchored by one transaction carrying the Merkle root of all its updates and receipts, the
+new global model's hash and the manifest's hash; it is then settled by one settleRound transaction
+(the root over the round's (customer, reputation, reward) leaves, read from the round's ledger),
+whose gas does not grow with the number of customers. A task's next round is anchored only after
+the previous one is settled (the queue is processed in order and stops at the first failure). The queue is the database (rounds
 closed but not anchored, anchored but not settled), so a chain that is down only delays these.
 Before each transaction the chain is asked whether it already happened (a crash between the
 transaction and the database commit): a matching record is adopted, never sent twice.
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from collections.abc import Callable
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
@@ -22,16 +21,13 @@ from sqlalchemy.orm import sessionmaker
 from crowdfl.errors import CrowdflError
 
 from .chain import ChainError
-from .contracts import CrowdContracts, Receipt, Role, RoundEntries
+from .contracts import CrowdContracts
 from .db import Round
-from .ledger import chain_credits, chain_scores, parse_ledger
+from .ledger import parse_ledger
+from .settlement import EMPTY_ROOT, RoundSettlement, settle
 from .store import ContentStore
 
 log = logging.getLogger(__name__)
-
-# setScores / credit take one transaction per round (the contract refuses a second); past about
-# 1,000 keys that transaction no longer fits a 30M-gas block (setScores measured at ~27k gas a key).
-MAX_KEYS_PER_TX = 800
 
 
 @dataclass(frozen=True)
@@ -83,63 +79,37 @@ class Anchorer:
         return done
 
     def _settle(self, task_id: str, round_: int) -> None:
-        """Mirror the round's scores and rewards on chain (each transaction at most once)."""
+        """Settle the anchored round on chain: one root over its (customer, reputation, reward) leaves.
+
+        Constant gas per round whatever the number of customers; customers claim with a proof
+        (coordinator/settlement.py). Sent once: a settlement already on chain (a crash between the
+        transaction and the database commit) is adopted if it is the same, an error if it is not."""
         with self.sessions() as s:
             row = s.get(Round, (task_id, round_))
             assert row is not None
             ledger_hash = row.ledger_hash
         tid = bytes.fromhex(task_id)
-        notes: list[str] = []
-        scores_rec: RoundEntries | None = None
-        credit_rec: RoundEntries | None = None
         if ledger_hash:
-            ledger = parse_ledger(self.store.get(ledger_hash))
-            scores = {bytes.fromhex(c): v for c, v in chain_scores(ledger).items()}
-            credits = {bytes.fromhex(c): v for c, v in chain_credits(ledger).items()}
-            if scores:
-                scores_rec = self.contracts.scores_set(tid).get(round_)
-                if scores_rec is None:
-                    receipt = self._send(lambda v: self.contracts.set_scores(tid, round_, v), scores, notes, "scores")
-                    if receipt is not None:
-                        scores_rec = RoundEntries(round_, {}, receipt.tx_hash, receipt.block_number)
-            if credits:
-                credit_rec = self.contracts.credits(tid).get(round_)
-                if credit_rec is None:
-                    receipt = self._send(lambda v: self.contracts.credit(tid, round_, v), credits, notes, "rewards")
-                    if receipt is not None:
-                        credit_rec = RoundEntries(round_, {}, receipt.tx_hash, receipt.block_number)
+            plan = settle(parse_ledger(self.store.get(ledger_hash)))
+        else:
+            plan = RoundSettlement(task_id, round_, (), EMPTY_ROOT, 0)
+        existing = self.contracts.settlement(tid, round_)
+        gas = 0
+        if existing is not None:
+            if existing.root != plan.root or existing.total_wei != plan.total_wei:
+                raise ChainError(f"round {round_} is settled on chain with another root: refusing to continue")
+            tx, block = self.contracts.settled_rounds(tid).get(round_, (b"", 0))
+        else:
+            receipt = self.contracts.settle_round(tid, round_, plan.root, plan.total_wei, len(plan.leaves))
+            tx, block, gas = receipt.tx_hash, receipt.block_number, receipt.gas_used
         with self.sessions.begin() as s:
             row = s.get(Round, (task_id, round_))
             assert row is not None
             row.settled = True
             row.anchor_error = None
-            if scores_rec is not None:
-                row.scores_tx, row.scores_block = "0x" + scores_rec.tx_hash.hex(), scores_rec.block_number
-            if credit_rec is not None:
-                row.credit_tx, row.credit_block = "0x" + credit_rec.tx_hash.hex(), credit_rec.block_number
-            row.settle_note = "; ".join(notes)[:500] or None
-
-    def _send(
-        self, send: Callable[[dict[bytes, Any]], Receipt], values: dict[bytes, Any], notes: list[str], what: str
-    ) -> Receipt | None:
-        """Send; if the contract refuses, drop the keys it no longer has active (a device removed
-        after the round closed makes it refuse the whole batch) and send the rest once."""
-        if len(values) > MAX_KEYS_PER_TX:
-            # Cannot fit one block and the contract takes one batch per round: say so, and do not
-            # hold back the anchoring of later rounds behind a transaction that can never be mined.
-            notes.append(f"{what}: {len(values)} customers exceed one transaction ({MAX_KEYS_PER_TX}); not mirrored on chain")
-            log.error("round %s not mirrored on chain: %d keys exceed %d per transaction", what, len(values), MAX_KEYS_PER_TX)
-            return None
-        try:
-            return send(values)
-        except ChainError as exc:
-            if not exc.reverted:
-                raise
-            kept = {k: v for k, v in values.items() if self.contracts.is_active(k, Role.DEVICE)}
-            if len(kept) == len(values):
-                raise
-        notes.append(f"{what}: {len(values) - len(kept)} removed customer(s) left out")
-        return send(kept) if kept else None
+            row.credit_tx, row.credit_block = "0x" + bytes(tx).hex(), block
+            row.settle_gas = gas
+            row.settle_note = None
 
     def _anchor(self, task_id: str, round_: int) -> Anchored:
         with self.sessions() as s:

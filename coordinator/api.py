@@ -244,6 +244,30 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
             return error("not_found", f"round {round_} is not closed", 404)
         return jsonify(data)
 
+    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/leaves/<leaf>")
+    def leaf(task_id: str, round_: int, leaf: str) -> Any:
+        p = coord.leaf_proof(task_or_404(task_id), round_, _hex32(leaf, "leaf"))
+        if p is None:
+            return error("not_found", "no such leaf in that round", 404)
+        return jsonify(p)
+
+    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/claims/<customer>")
+    def claim_leaf(task_id: str, round_: int, customer: str) -> Any:
+        p = coord.claim_proof(task_or_404(task_id), round_, _hex32(customer, "customer"))
+        if p is None:
+            return error("not_found", "nothing settled for that customer in that round", 404)
+        return jsonify(p)
+
+    @app.post(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/claims/<customer>")
+    def claim(task_id: str, round_: int, customer: str) -> Any:
+        # anyone may ask: the contract pays only the customer's registered payout, only a true leaf, once
+        try:
+            return jsonify(coord.submit_claim(task_or_404(task_id), round_, _hex32(customer, "customer")))
+        except KeyError:
+            return error("not_found", "nothing settled for that customer in that round", 404)
+        except ChainError as exc:
+            return error("claim_failed", str(exc)[:300], 409 if exc.reverted else 503)
+
     @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/proofs/<customer>")
     def proof(task_id: str, round_: int, customer: str) -> Any:
         p = coord.proof(task_or_404(task_id), round_, _hex32(customer, "customer"))
@@ -298,7 +322,7 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
     @app.get("/api/v1/tasks/<task_id>/anchors")
     def anchors(task_id: str) -> Any:
         keys = ("round", "status", "merkle_root", "model_hash", "manifest_hash", "ledger_hash", "tx_hash", "block_number",
-                "gas_used", "scores_tx", "scores_block", "credit_tx", "credit_block", "anchor_attempts", "anchor_error")
+                "gas_used", "settle_gas", "round_gas", "credit_tx", "credit_block", "anchor_attempts", "anchor_error")
         return jsonify([{k: r[k] for k in keys} for r in coord.rounds(task_or_404(task_id)) if r["status"] != "open"])
 
     @app.get("/api/v1/tasks/<task_id>/model")

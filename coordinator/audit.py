@@ -22,21 +22,21 @@ from crowdfl.envelope import parse, verify
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import PublicIdentity
 from crowdfl.merkle import merkle_root
+from crowdfl.receipts import ContributionReceipt, check_receipt_plausible, check_update_against_receipt, open_receipt
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, TaskSpec, sha256_hex
 
 from .aggregation import AggregationResult
 from .chain import ChainError
-from .contracts import CrowdContracts, Role, RoundEntries
+from .contracts import CrowdContracts, Role
 from .ledger import (
     LedgerPolicy,
-    chain_credits,
-    chain_scores,
     ledger_bytes,
     parse_ledger,
     round_ledger,
     select_customers,
 )
-from .rounds import build_round, check_update
+from .rounds import build_round, check_update, round_leaves
+from .settlement import settle
 from .store import ContentStore
 
 
@@ -51,6 +51,7 @@ class UpdateFinding:
     score: float | None = None
     reputation: float | None = None
     reward_wei: int = 0
+    receipt: ContributionReceipt | None = None
 
 
 @dataclass
@@ -79,6 +80,7 @@ class AuditReport:
     rounds: list[RoundFinding] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)  # said plainly: what this audit could not verify
 
     @property
     def ok(self) -> bool:
@@ -95,10 +97,16 @@ class AuditReport:
             if r.ledger_hash:
                 paid = sum(u.reward_wei for u in r.updates)
                 out.append(
-                    f"    ledger {r.ledger_hash[:12]}: {r.selected} selected, scores on chain "
-                    f"{'tx ' + r.scores_tx[:18] + '…' if r.scores_tx else 'not yet'}, {paid} wei rewarded"
+                    f"    ledger {r.ledger_hash[:12]}: {r.selected} selected, {paid} wei rewarded, settled on chain"
                     + (f" (tx {r.credit_tx[:18]}…)" if r.credit_tx else "")
                 )
+            for u in r.updates:
+                if u.receipt is not None:
+                    out.append(
+                        f"    device {u.customer[:12]} via edge {u.edge[:12]}: {u.receipt.num_samples} samples in "
+                        f"{u.receipt.num_batches} signed batch(es) at epsilon {u.receipt.epsilon:g}, {u.status}"
+                        + (f", reward {u.reward_wei} wei" if u.reward_wei else "")
+                    )
             for u in r.updates:
                 if u.status != "accepted":
                     out.append(f"    rejected {u.update_hash[:12]} (customer {u.customer[:12]}, edge {u.edge[:12]}): {u.reason}")
@@ -106,6 +114,7 @@ class AuditReport:
             out.extend(f"    note: {n}" for n in r.notes)
         out.extend(f"  PROBLEM: {p}" for p in self.problems)
         out.extend(f"  note: {n}" for n in self.notes)
+        out.extend(f"  not checked: {u}" for u in self.unchecked)
         return out
 
 
@@ -121,8 +130,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             report.problems.append("the task's anchored spec names another task id")
             return report
         anchors = {a.round: a for a in contracts.anchors(tid)}
-        scored = contracts.scores_set(tid)
-        credited = contracts.credits(tid)
+        settled_tx = contracts.settled_rounds(tid)
     except (CrowdflError, ChainError, ValueError) as exc:
         report.problems.append(f"cannot start: {exc}")
         return report
@@ -144,6 +152,44 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             active_cache[key] = contracts.is_active(bytes.fromhex(node), role)
         return active_cache[key]
 
+    try:
+        history = contracts.edge_history()
+    except ChainError as exc:
+        report.problems.append(f"cannot read the registry's device bindings: {exc}")
+        return report
+
+    def bound_edge(device: str, block: int) -> str:
+        """The edge the chain last bound the device to before the round's anchor ("" if never).
+
+        A removal after the binding does not undo a contribution made before it (the coordinator
+        refuses updates of removed devices at intake); a re-binding to another edge does."""
+        edge: bytes | None = None
+        for at, _, e in history.get(bytes.fromhex(device), []):
+            if at > block:
+                break
+            if e is not None:
+                edge = e
+        return edge.hex() if edge is not None else ""
+
+    def chain_devices(block: int) -> list[str]:
+        """Devices bound to an edge and not removed as of a block."""
+        out = []
+        for device, events in history.items():
+            state: bytes | None = None
+            for at, _, e in events:
+                if at > block:
+                    break
+                state = e
+            if state is not None:
+                out.append(device.hex())
+        return out
+
+    try:
+        created_block = contracts.task_created_block(tid)
+    except ChainError as exc:
+        report.problems.append(f"cannot read the task's creation: {exc}")
+        return report
+    last_receipt: dict[str, ContributionReceipt] = {}
     reputation: dict[str, float] = {}  # after the previous round, as rebuilt by this audit
     leaves_seen: set[str] = set()
     for r in range(1, model.round + 1):
@@ -165,13 +211,14 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             finding.problems.append("manifest's model hash differs from the anchored one")
         if (len(manifest.accepted), len(manifest.rejected)) != (anchor.accepted, anchor.rejected):
             finding.problems.append("accepted/rejected counts differ from the anchor")
-        if manifest.updates and merkle_root([bytes.fromhex(h) for h in manifest.updates]).hex() != anchor.merkle_root.hex():
+        if manifest.updates and merkle_root([bytes.fromhex(h) for h in round_leaves(manifest.updates, manifest.receipts)]).hex() != anchor.merkle_root.hex():
             finding.problems.append("Merkle root of the manifest's updates differs from the anchored root")
         reasons = dict(x.split(":", 1) for x in manifest.rejected)
         candidates: list[tuple[str, ModelUpdate]] = []
         invalid: list[tuple[str, str]] = []
         invalid_customers: list[tuple[str, str]] = []
         customers_seen: set[str] = set()
+        round_receipts: list[str] = []
         for h in manifest.updates:
             try:
                 sealed = parse(store.get(h))
@@ -184,8 +231,29 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             finding.updates.append(UpdateFinding(h, sealed.sender_id, upd.customer, upd.num_samples, status, reasons.get(h, "")))
             if not active(sealed.sender_id, Role.EDGE):
                 finding.problems.append(f"update {h[:12]} is signed by {sealed.sender_id[:12]}, not an active edge on chain")
-            if status == "accepted" and not active(upd.customer, Role.DEVICE):
-                report.notes.append(f"customer {upd.customer[:12]} of round {r} is not active on chain now")
+            # the device's signed receipt vouches for the update's samples and inputs, and the chain
+            # binds the device to the edge that signed the update
+            try:
+                signed = open_receipt(upd.receipt)
+                check_update_against_receipt(
+                    signed, task_id=upd.task_id, round_=upd.round, customer=upd.customer, edge=sealed.sender_id,
+                    num_samples=upd.num_samples, inputs_digest=upd.inputs_digest,
+                )
+                check_receipt_plausible(signed.receipt, spec)
+            except CrowdflError as exc:
+                finding.problems.append(f"update {h[:12]}: receipt: {exc}")
+                continue
+            round_receipts.append(signed.hash)
+            finding.updates[-1].receipt = signed.receipt
+            earlier = last_receipt.get(upd.customer)
+            if earlier is not None and (signed.receipt.num_samples < earlier.num_samples or signed.receipt.num_batches < earlier.num_batches):
+                finding.problems.append(f"update {h[:12]}: receipt of {upd.customer[:12]} counts fewer samples than its earlier one")
+            last_receipt[upd.customer] = signed.receipt
+            if bound_edge(upd.customer, anchor.block_number) != sealed.sender_id:
+                finding.problems.append(
+                    f"update {h[:12]} for device {upd.customer[:12]} comes from edge {sealed.sender_id[:12]}, "
+                    "but the chain binds the device to another edge (or to none)"
+                )
             # a signed update belongs to exactly one task, round and customer slot: a coordinator
             # must not re-use an old one, or count a customer twice
             if h in leaves_seen:
@@ -205,6 +273,8 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             else:
                 invalid.append((h, reasons.get(h, "invalid").removeprefix("invalid:")))
                 invalid_customers.append((upd.customer, reasons.get(h, "invalid").removeprefix("invalid:")))
+        if sorted(set(round_receipts)) != list(manifest.receipts):
+            finding.problems.append("the manifest's receipt leaves are not the receipts inside the round's updates")
         if finding.problems:
             break
         stored: dict[str, Any] | None = None
@@ -217,6 +287,15 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             except (CrowdflError, ValueError, TypeError) as exc:
                 finding.problems.append(f"ledger: {exc}")
                 break
+            # the eligible customers are the chain's: none the registry never bound before the anchor,
+            # none left out that it had bound (and not removed) when the previous round was anchored
+            since = anchors[r - 1].block_number if r > 1 else created_block
+            phantom = sorted(c for c in stored["eligible"] if not bound_edge(c, anchor.block_number))
+            left_out = sorted(c for c in chain_devices(since) if c not in set(stored["eligible"]))
+            if phantom:
+                finding.problems.append(f"the eligible list names {phantom[0][:12]}, which the chain never registered to an edge")
+            if left_out:
+                finding.problems.append(f"the eligible list leaves out {left_out[0][:12]}, which the chain had registered and not removed")
             selected = select_customers(policy, reputation, stored["eligible"], spec.task_id, r)
             finding.selected = len(selected)
             if list(selected) != stored["selected"]:
@@ -237,7 +316,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         try:
             rebuilt = build_round(
                 spec, r, base, candidates, invalid, manifest.rule, json.loads(manifest.rule_params),
-                accuracy=manifest.held_out_accuracy, ledger=remake if stored is not None else None,
+                accuracy=manifest.held_out_accuracy, ledger=remake if stored is not None else None, receipts=round_receipts,
             )
         except (ValueError, CrowdflError) as exc:
             finding.problems.append(f"cannot re-run the aggregation: {exc}")
@@ -249,12 +328,24 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             if ledger_bytes(again) != ledger_bytes(stored):
                 differs = sorted(k for k in again if again[k] != stored.get(k))
                 finding.problems.append(f"the ledger does not follow from the round's updates and history ({', '.join(differs)} differ)")
-            _check_chain_record(finding, scored.get(r), chain_scores(again), lambda v: round(v * 1000), "scores")
-            _check_chain_record(finding, credited.get(r), chain_credits(again), lambda v: v, "rewards")
-            if scored.get(r):
-                finding.scores_tx = "0x" + scored[r].tx_hash.hex()
-            if credited.get(r):
-                finding.credit_tx = "0x" + credited[r].tx_hash.hex()
+            paid_unselected = sorted(c for c, v in stored["rewards"].items() if int(v) > 0 and c not in set(stored["selected"]))
+            if paid_unselected:
+                finding.problems.append(f"the ledger pays customer {paid_unselected[0][:12]}, who was not selected for the round")
+            plan = settle(again)
+            try:
+                on_chain = contracts.settlement(tid, r)
+            except ChainError as exc:
+                on_chain = None
+                finding.problems.append(f"cannot read the round's settlement: {exc}")
+            if on_chain is None:
+                finding.problems.append(f"round {r} is not settled on chain")
+            elif (on_chain.root, on_chain.total_wei, on_chain.customers) != (plan.root, plan.total_wei, len(plan.leaves)):
+                finding.problems.append(
+                    f"the settlement on chain (root {on_chain.root.hex()[:12]}, {on_chain.total_wei} wei) is not the one the "
+                    f"round's recomputed ledger implies (root {plan.root.hex()[:12]}, {plan.total_wei} wei)"
+                )
+            if r in settled_tx:
+                finding.credit_tx = "0x" + settled_tx[r][0].hex()
             for u in finding.updates:
                 u.score = again["scores"].get(u.customer)
                 u.reputation = again["reputation_after"].get(u.customer)
@@ -265,23 +356,9 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
         base = anchor.model_hash.hex()
     if anchors[model.round].model_hash.hex() != model_hash:
         report.problems.append(f"round {model.round}'s anchored model is {anchors[model.round].model_hash.hex()[:16]}…, not this one")
-    report.notes.append("registry checks use the chain's current registry state")
+    report.notes.append("edge servers are checked against the chain's current registry; device bindings as of each round's anchor block")
+    report.unchecked.extend([
+        "held-out accuracy: the manifest's figure is the coordinator's; its held-out set is not published, so it is not recomputed",
+        "selection seed: sha256(task id, round), public from the task's publication; the coordinator chose the task id",
+    ])
     return report
-
-
-def _check_chain_record(
-    finding: RoundFinding, record: RoundEntries | None, expected: dict[str, Any], to_chain: Any, what: str
-) -> None:
-    """The chain's setScores / credit of a round must match the ledger; it may leave out customers
-    removed before it was sent, and may still be pending (a note, not a problem)."""
-    if record is None:
-        if expected:
-            finding.notes.append(f"{what} of round {finding.round} not (yet) recorded on chain")
-        return
-    want = {bytes.fromhex(c): int(to_chain(v)) for c, v in expected.items()}
-    for key, value in record.values.items():
-        if key not in want:
-            finding.problems.append(f"chain {what} name 0x{key.hex()[:12]}, which the ledger does not")
-        elif want[key] != value:
-            finding.problems.append(f"chain {what} for 0x{key.hex()[:12]} is {value}, the ledger says {want[key]}")
-

@@ -32,6 +32,7 @@ __all__ = [
     "Role",
     "RoundAnchor",
     "RoundEntries",
+    "Settlement",
     "TaskRecord",
     "find_build_dir",
     "load_artifact",
@@ -47,6 +48,15 @@ _UINT256_MAX = 2**256 - 1
 class Role(IntEnum):
     DEVICE = 1
     EDGE = 2
+
+
+@dataclass(frozen=True)
+class Settlement:
+    round: int
+    root: bytes
+    total_wei: int
+    claimed_wei: int
+    customers: int
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,51 @@ class CrowdContracts:
         result = self.client.call(self.registry.functions.isActive(_b32(key, "key"), int(Role(role))))
         return _bool(result, "isActive")
 
+    def bind_edges(self, pairs: Sequence[tuple[bytes, bytes]]) -> Receipt:
+        """Bind devices to their edge servers on chain (both must be active)."""
+        if not pairs:
+            raise ValueError("no devices to bind")
+        devices = [_b32(d, f"pairs[{i}].device") for i, (d, _) in enumerate(pairs)]
+        edges = [_b32(e, f"pairs[{i}].edge") for i, (_, e) in enumerate(pairs)]
+        return self.client.transact(self.registry.functions.bindEdges(devices, edges))
+
+    def edge_of(self, device: bytes) -> bytes | None:
+        """The edge an active device is bound to on chain, None if unbound."""
+        raw = _out_b32(self.client.call(self.registry.functions.edgeOf(_b32(device, "device"))), "edgeOf")
+        return None if raw == bytes(32) else raw
+
+    def task_created_block(self, task_id: bytes) -> int:
+        """Block of the task's TaskCreated event (0 when none is found)."""
+        tid = _b32(task_id, "task_id")
+        blocks = [
+            _out_uint(ev.get("blockNumber"), "log.blockNumber", _UINT64_MAX)
+            for ev in self.client.logs(self.tasks.events.TaskCreated(), {"taskId": tid}, from_block=self.from_block)
+            if not ev.get("removed") and str(ev.get("address", "")).lower() == str(self.tasks.address).lower()
+        ]
+        return min(blocks) if blocks else 0
+
+    def edge_history(self) -> dict[bytes, list[tuple[int, int, bytes | None]]]:
+        """device -> [(block, log index, edge or None when removed)] from the Registry's EdgeBound and Removed events.
+
+        The audit asks which edge a device was bound to when its round was anchored, so a device
+        removed later does not fail an audit of rounds it took part in."""
+        out: dict[bytes, list[tuple[int, int, bytes | None]]] = {}
+        for event, is_bind in ((self.registry.events.EdgeBound(), True), (self.registry.events.Removed(), False)):
+            for ev in self.client.logs(event, {}, from_block=self.from_block):
+                if ev.get("removed"):
+                    continue
+                if str(ev.get("address", "")).lower() != str(self.registry.address).lower():
+                    raise ChainError(f"registry log from unexpected address {ev.get('address')!r}")
+                args = ev.get("args")
+                if not isinstance(args, Mapping):
+                    raise ChainError("registry log without decoded args")
+                key = _out_b32(args.get("device") if is_bind else args.get("key"), "registry log key")
+                at = (_out_uint(ev.get("blockNumber"), "log.blockNumber", _UINT64_MAX), _out_uint(ev.get("logIndex", 0), "log.logIndex", _UINT64_MAX))
+                out.setdefault(key, []).append((*at, _out_b32(args.get("edge"), "EdgeBound.edge") if is_bind else None))
+        for entries in out.values():
+            entries.sort(key=lambda e: (e[0], e[1]))
+        return out
+
     def payout_of(self, key: bytes) -> str | None:
         addr = _address(self.client.call(self.registry.functions.payoutOf(_b32(key, "key"))), "payoutOf")
         return None if int(addr, 16) == 0 else addr
@@ -378,6 +433,63 @@ class CrowdContracts:
     def reputation_of(self, key: bytes) -> float:
         raw = self.client.call(self.tasks.functions.reputationOf(_b32(key, "key")))
         return _out_uint(raw, "reputationOf", _UINT32_MAX) / 1000
+
+    # ------------------------------------------------------------ settlement
+
+    def settle_round(self, task_id: bytes, round: int, root: bytes, total_wei: int, customers: int) -> Receipt:
+        """One constant-size transaction per round: the root over its settlement leaves and its total."""
+        fn = self.tasks.functions.settleRound(
+            _b32(task_id, "task_id"), _uint(round, "round", _UINT32_MAX, minimum=1), _b32(root, "root"),
+            _uint(total_wei, "total_wei", _UINT256_MAX), _uint(customers, "customers", _UINT32_MAX),
+        )
+        return self.client.transact(fn)
+
+    def settlement(self, task_id: bytes, round: int) -> Settlement | None:
+        """A round's settlement as the contract holds it; None when the round is not settled."""
+        raw = self.client.call(self.tasks.functions.settlement(_b32(task_id, "task_id"), _uint(round, "round", _UINT32_MAX)))
+        if not isinstance(raw, (list, tuple)) or len(raw) != 4:
+            raise ChainError(f"settlement(): expected 4 values, got {raw!r}")
+        root = _out_b32(raw[0], "settlement().root")
+        if root == bytes(32):
+            return None
+        return Settlement(
+            round, root, _out_uint(raw[1], "settlement().total", _UINT256_MAX),
+            _out_uint(raw[2], "settlement().claimed", _UINT256_MAX), _out_uint(raw[3], "settlement().customers", _UINT32_MAX),
+        )
+
+    def settled_rounds(self, task_id: bytes) -> dict[int, tuple[bytes, int]]:
+        """round -> (tx hash, block) of every RoundSettled event of a task."""
+        tid = _b32(task_id, "task_id")
+        out: dict[int, tuple[bytes, int]] = {}
+        for ev in self.client.logs(self.tasks.events.RoundSettled(), {"taskId": tid}, from_block=self.from_block):
+            if ev.get("removed"):
+                continue
+            if str(ev.get("address", "")).lower() != str(self.tasks.address).lower():
+                raise ChainError(f"RoundSettled log from unexpected address {ev.get('address')!r}")
+            args = ev.get("args")
+            if not isinstance(args, Mapping) or _out_b32(args.get("taskId"), "taskId") != tid:
+                raise ChainError("RoundSettled log without this task's decoded args")
+            r = _out_uint(args.get("round"), "RoundSettled.round", _UINT32_MAX, minimum=1)
+            out[r] = (_out_b32(ev.get("transactionHash"), "log.transactionHash"), _out_uint(ev.get("blockNumber"), "log.blockNumber", _UINT64_MAX))
+        return out
+
+    def is_claimed(self, task_id: bytes, round: int, customer: bytes) -> bool:
+        fn = self.tasks.functions.isClaimed(_b32(task_id, "task_id"), _uint(round, "round", _UINT32_MAX), _b32(customer, "customer"))
+        return _bool(self.client.call(fn), "isClaimed")
+
+    def claim(
+        self, task_id: bytes, round: int, customer: bytes, reputation_milli: int, amount_wei: int, proof: Sequence[bytes],
+        signer: LocalAccount | str | None = None,
+    ) -> Receipt:
+        """Claim a customer's settled reward (anyone may send it; the payout address is paid)."""
+        fn = self.tasks.functions.claim(
+            _b32(task_id, "task_id"), _uint(round, "round", _UINT32_MAX, minimum=1), _b32(customer, "customer"),
+            _uint(reputation_milli, "reputation_milli", _UINT32_MAX), _uint(amount_wei, "amount_wei", _UINT256_MAX),
+            [_b32(p, f"proof[{i}]") for i, p in enumerate(proof)],
+        )
+        if signer is None:
+            return self.client.transact(fn)
+        return self.client.transact(fn, signer=signer if isinstance(signer, LocalAccount) else Account.from_key(signer))
 
     # ------------------------------------------------------------ rewards
 

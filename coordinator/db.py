@@ -82,6 +82,7 @@ class Round(Base):
     credit_tx: Mapped[str | None] = mapped_column(String(66), nullable=True)
     credit_block: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     settle_note: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    settle_gas: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the settleRound transaction's gas
 
 
 class Update(Base):

@@ -6,6 +6,7 @@ the single definition of what a round's published model is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,21 @@ def rule_params(rule: str, n: int, byzantine_fraction: float, trim_beta: float) 
     return {}
 
 
+def round_leaves(updates: Sequence[str], receipts: Sequence[str]) -> list[str]:
+    """The anchored tree's leaves: every update envelope's hash and every device receipt's hash."""
+    return sorted(list(updates) + list(receipts))
+
+
+def leaf_proof(manifest: RoundManifest, leaf: str) -> list[str]:
+    """Merkle siblings of one leaf (an update or a receipt hash) of a round, from its manifest."""
+    tree = round_leaves(manifest.updates, manifest.receipts)
+    return [p.hex() for p in merkle_proof([bytes.fromhex(h) for h in tree], tree.index(leaf))]
+
+
+def receipt_hash(update: ModelUpdate) -> str:
+    return hashlib.sha256(update.receipt).hexdigest() if update.receipt else ""
+
+
 @dataclass(frozen=True)
 class BuiltRound:
     model: ModelWeights
@@ -84,6 +100,7 @@ def build_round(
     accuracy: float | None = None,
     ledger: LedgerMaker | None = None,
     ledger_hash: str = "",
+    receipts: Sequence[str] = (),
 ) -> BuiltRound:
     """Aggregate the valid updates (in hash order) and describe the round in a manifest."""
     if not candidates:
@@ -104,7 +121,9 @@ def build_round(
         + [f"{h}:excluded_by_{result.rule}" for h in hashes if h not in kept]
     )
     leaves = sorted(hashes + [h for h, _ in invalid])
-    leaf_bytes = [bytes.fromhex(h) for h in leaves]
+    receipt_leaves = sorted(set(receipts))
+    tree = round_leaves(leaves, receipt_leaves)
+    leaf_bytes = [bytes.fromhex(h) for h in tree]
     root = merkle_root(leaf_bytes)
     manifest = RoundManifest(
         task_id=spec.task_id,
@@ -120,6 +139,7 @@ def build_round(
         merkle_root=root.hex(),
         held_out_accuracy=float(accuracy),
         ledger_hash=ledger_hash,
+        receipts=tuple(receipt_leaves),
     )
-    proofs = {h: [p.hex() for p in merkle_proof(leaf_bytes, i)] for i, h in enumerate(leaves)}
+    proofs = {h: [p.hex() for p in merkle_proof(leaf_bytes, i)] for i, h in enumerate(tree)}
     return BuiltRound(model, model_bytes, manifest, CODEC.encode(manifest), proofs, kept)

@@ -24,8 +24,9 @@ from crowdfl.backmodel import accuracy
 from crowdfl.envelope import parse, seal, verify
 from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import Identity, PublicIdentity
-from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundStart, TaskSpec, is_hex64, sha256_hex
+from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, RoundStart, TaskSpec, is_hex64, sha256_hex
 from crowdfl.mqtt import round_topic, task_topic
+from crowdfl.receipts import check_receipt_plausible, check_update_against_receipt, open_receipt
 
 from .aggregation import AggregationResult, AggregationRule
 from .anchoring import Anchored, Anchorer
@@ -33,7 +34,8 @@ from .chain import ChainError
 from .contracts import CrowdContracts, Role
 from .db import Participant, Reputation, Round, Task, Update
 from .ledger import LedgerPolicy, ledger_bytes, parse_ledger, round_ledger, round_pool, select_customers
-from .rounds import build_round, check_update, effective_rule, rule_params
+from .settlement import settle, to_milli
+from .rounds import build_round, check_update, effective_rule, leaf_proof, rule_params
 from .store import ContentStore
 
 log = logging.getLogger(__name__)
@@ -131,8 +133,9 @@ class Coordinator:
                         f"{pub.node_id[:16]} is registered with another {what}; to rotate it, remove the participant, then register it again"
                     )
                 else:
+                    if not row.active or row.edge != edge:
+                        row.on_chain = False  # the chain still has it removed, or bound to another edge
                     if not row.active:
-                        row.on_chain = False  # the chain still has it removed
                         row.enc_key = pub.enc_key.hex()  # re-registration after removal: the rotation
                         if payout is not None:
                             row.payout = payout
@@ -175,6 +178,14 @@ class Coordinator:
                     if missing:
                         self.contracts.register_many(missing)
                 done += [(p.node_id, True) for p in batch]
+            # device -> edge bindings, once both ends are on chain (the coordinator refuses an
+            # update whose device is not bound to the submitting edge on chain)
+            edges_on_chain = {p.node_id for p in adds if p.role == "edge"}
+            with self.sessions() as s:
+                edges_on_chain |= set(s.scalars(select(Participant.node_id).where(Participant.role == "edge", Participant.active, Participant.on_chain)))
+            pairs = [(bytes.fromhex(p.node_id), bytes.fromhex(p.edge)) for p in adds if p.role == "device" and p.edge in edges_on_chain]
+            for i in range(0, len(pairs), 50):
+                self.contracts.bind_edges(pairs[i : i + 50])
             for p in drops:
                 key = bytes.fromhex(p.node_id)
                 if self.contracts.is_active(key, role[p.node_id]):
@@ -188,6 +199,10 @@ class Coordinator:
                 if row is not None and row.active == active:  # not flipped again meanwhile
                     row.on_chain = True
         return len(done)
+
+    def _edge_on_chain(self, node_id: str) -> bool:
+        row = self._participant(node_id)
+        return row is not None and row.on_chain
 
     def _participant(self, node_id: str) -> Participant | None:
         with self.sessions() as s:
@@ -353,6 +368,30 @@ class Coordinator:
                 if prior.update_hash == update_hash:
                     return IntakeResult(200, "duplicate", "", update_hash)
                 return IntakeResult(409, "rejected", "conflict: another update for this customer and round was received first")
+            # the device's own signed receipt must vouch for the update's sample count and inputs,
+            # and the chain must bind the device to the submitting edge
+            try:
+                signed = open_receipt(update.receipt)
+                check_update_against_receipt(
+                    signed, task_id=update.task_id, round_=update.round, customer=update.customer, edge=sealed.sender_id,
+                    num_samples=update.num_samples, inputs_digest=update.inputs_digest,
+                )
+                check_receipt_plausible(signed.receipt, spec)
+            except WireError as exc:
+                log.warning("update from %s for %s refused: %s", sealed.sender_id[:12], update.customer[:12], exc)
+                return IntakeResult(422, "rejected", str(exc), update_hash)
+            try:
+                bound: str | None = (self.contracts.edge_of(bytes.fromhex(update.customer)) or b"").hex()
+            except ChainError as exc:
+                # liveness over a chain outage: the database binding was checked above, and the
+                # audit checks the chain's binding of every anchored update
+                log.warning("chain unreachable, device binding of %s checked against the database only: %s", update.customer[:12], exc)
+                bound = None
+            if bound is not None and bound != sealed.sender_id and not (customer.on_chain and self._edge_on_chain(sealed.sender_id)):
+                return IntakeResult(503, "rejected", "registry_sync_pending: the device's registration is not on chain yet")
+            if bound is not None and bound != sealed.sender_id:
+                log.warning("update from %s for %s refused: device not bound to this edge on chain", sealed.sender_id[:12], update.customer[:12])
+                return IntakeResult(403, "rejected", "wrong_edge_on_chain: the chain does not bind this device to this edge", update_hash)
             # from here on the update is the customer's, from its edge: an invalid one is kept,
             # anchored and shown as rejected with its reason (and scores 0 for reputation)
             reason = ""
@@ -393,7 +432,13 @@ class Coordinator:
                 if rnd.status != "open":
                     return self._summary(rnd)
                 ups = list(s.scalars(select(Update).where(Update.task_id == task_id, Update.round == round_)))
-            candidates = [(u.update_hash, CODEC.decode(parse(self.store.get(u.update_hash)).body, ModelUpdate)) for u in ups if u.status == "received"]
+            decoded = {u.update_hash: CODEC.decode(parse(self.store.get(u.update_hash)).body, ModelUpdate) for u in ups}
+            candidates = [(u.update_hash, decoded[u.update_hash]) for u in ups if u.status == "received"]
+            receipts = []
+            for mu in decoded.values():
+                if mu.receipt:
+                    receipts.append(self.store.put(mu.receipt))  # the device's receipt, a leaf of the round
+
             invalid = [(u.update_hash, u.reason or "invalid") for u in ups if u.status == "rejected"]
             rule = effective_rule(spec.aggregation, len(candidates))
             params = rule_params(rule, len(candidates), self.byzantine_fraction, self.trim_beta)
@@ -413,7 +458,7 @@ class Coordinator:
                 ledgers.append(ledger)
                 return self.store.put(ledger_bytes(ledger))
 
-            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluators.get(task_id, self.evaluate), ledger=make_ledger)
+            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluators.get(task_id, self.evaluate), ledger=make_ledger, receipts=receipts)
             ledger = ledgers[0]
             model_hash = self.store.put(built.model_bytes)
             manifest_hash = self.store.put(built.manifest_bytes)
@@ -526,7 +571,8 @@ class Coordinator:
                 "block_number": r.block_number, "gas_used": r.gas_used, "ledger_hash": r.ledger_hash,
                 "opened_at": r.opened_at, "closed_at": r.closed_at, "settled": r.settled,
                 "scores_tx": r.scores_tx, "scores_block": r.scores_block, "credit_tx": r.credit_tx,
-                "credit_block": r.credit_block, "anchor_attempts": r.anchor_attempts, "anchor_error": r.anchor_error,
+                "credit_block": r.credit_block, "settle_gas": r.settle_gas,
+                "round_gas": (r.gas_used or 0) + (r.settle_gas or 0), "anchor_attempts": r.anchor_attempts, "anchor_error": r.anchor_error,
                 "settle_note": r.settle_note,
             }
             for r in rows
@@ -673,6 +719,51 @@ class Coordinator:
                 "front_model_hash": spec.front_model_hash, "initial_model_hash": spec.initial_model_hash,
             })
         return out
+
+    def claim_proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
+        """A customer's settlement leaf and proof for ``claim`` (anyone can check it against the chain)."""
+        ledger = self.ledger(task_id, round_)
+        if ledger is None:
+            return None
+        try:
+            _, proof = settle(ledger).proof(customer)
+        except KeyError:
+            return None
+        with self.sessions() as s:
+            row = s.get(Reputation, (task_id, round_, customer))
+        if row is None:
+            return None
+        # the figures are the ones the dashboard shows (the database); the chain's settlement root
+        # decides whether they are true (crowdfl-agent verify checks them against it)
+        return {
+            "task_id": task_id, "round": round_, "customer": customer, "reputation_milli": to_milli(row.reputation),
+            "amount_wei": str(row.reward_wei), "proof": [p.hex() for p in proof],
+        }
+
+    def leaf_proof(self, task_id: str, round_: int, leaf: str) -> dict[str, Any] | None:
+        """Merkle siblings of an update or receipt hash in a closed round's anchored tree."""
+        with self.sessions() as s:
+            rnd = s.get(Round, (task_id, round_))
+        if rnd is None or not rnd.manifest_hash:
+            return None
+        manifest = CODEC.decode(self.store.get(rnd.manifest_hash), RoundManifest)
+        try:
+            return {"leaf": leaf, "proof": leaf_proof(manifest, leaf), "merkle_root": rnd.merkle_root}
+        except ValueError:
+            return None
+
+    def submit_claim(self, task_id: str, round_: int, customer: str) -> dict[str, Any]:
+        """Send a customer's claim on its behalf (the contract pays the customer's registered payout)."""
+        tid, key = bytes.fromhex(task_id), bytes.fromhex(customer)
+        if self.contracts.is_claimed(tid, round_, key):
+            return {"status": "already_claimed"}
+        leaf = self.claim_proof(task_id, round_, customer)
+        if leaf is None:
+            raise KeyError(customer)
+        receipt = self.contracts.claim(
+            tid, round_, key, leaf["reputation_milli"], int(leaf["amount_wei"]), [bytes.fromhex(p) for p in leaf["proof"]]
+        )
+        return {"status": "claimed", "tx_hash": "0x" + receipt.tx_hash.hex(), "amount_wei": leaf["amount_wei"]}
 
     def proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
         with self.sessions() as s:

@@ -79,6 +79,7 @@ class FeatureBatch:
     labels: np.ndarray  # int8 (n,)
     epsilon: float
     clip_l1: float
+    receipt: bytes = b""  # the device's signed ContributionReceipt for this round (crowdfl/receipts.py)
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,8 +113,9 @@ class ModelUpdate:
     base_model_hash: str
     weights: tuple[np.ndarray, ...]
     num_samples: int
-    inputs_digest: str  # sha256 over the sample ids and features used
+    inputs_digest: str  # the device receipt's batches_root: the batches the update was trained on
     train_loss: float
+    receipt: bytes = b""  # the customer's signed ContributionReceipt (its num_samples and root are the update's)
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,6 +146,7 @@ class RoundManifest:
     merkle_root: str
     held_out_accuracy: float
     ledger_hash: str = ""  # the round's scores, reputations, selection and rewards (coordinator/ledger.py)
+    receipts: tuple[str, ...] = ()  # sha256 of each update's device receipt, sorted: Merkle leaves too
 
 
 CODEC = Codec([TaskSpec, RoundStart, FeatureBatch, Ack, Nack, ModelUpdate, ModelWeights, RoundManifest])

@@ -259,7 +259,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 continue
             anchored = coordinator.rounds(spec.task_id)[summary.round - 1]
             line = RoundLine(summary.round, summary.accuracy, summary.selected, summary.accepted, summary.rejected,
-                             anchored["gas_used"] or 0, anchored["block_number"] or -1, time.perf_counter() - t0)
+                             anchored["round_gas"], anchored["block_number"] or -1, time.perf_counter() - t0)
             t0 = time.perf_counter()
             result.rounds.append(line)
             progress.line(

@@ -42,6 +42,7 @@ def run(cfg: EdgeConfig) -> int:
         ident, coordinator, EdgeStore(cfg.db_url), link, CoordinatorClient(cfg.coordinator.url),
         lambda h: fetch_artifact(cfg.coordinator.url, h), seed=cfg.seed, drain_max=cfg.drain_max,
         drain_wait_s=cfg.drain_wait_s, resubmit_every_s=cfg.resubmit_every_s, ingest_workers=cfg.ingest_workers,
+        retention_s=cfg.evidence_retention_days * 86400.0,
     )
     stop = stop_on_signals()
     http: HttpServer | None = None
@@ -95,6 +96,29 @@ def broker_config(cfg: EdgeConfig, args: argparse.Namespace) -> dict[str, object
             "coordinators": list(coordinators), "credentials": str(out / "credentials")}
 
 
+def evidence(cfg: EdgeConfig, device: str, round_: int, task: str | None) -> list[dict[str, object]]:
+    from crowdfl.messages import CODEC, TaskSpec
+
+    from .evidence import export_evidence
+
+    store = EdgeStore(cfg.db_url)
+    try:
+        specs = {s.task_id: s for s in (CODEC.decode(b, TaskSpec) for b in store.task_specs())}
+        tasks = [task] if task else sorted(specs)
+        out = []
+        for t in tasks:
+            if t not in specs:
+                raise CrowdflError("unknown_task", f"task {t[:16]} is not known here")
+            batches = store.batches(device, t, max_round=round_)
+            if any(b.round == round_ for b in batches):
+                out.append(export_evidence(batches, round_, specs[t].clip_l1))
+        if not out:
+            raise CrowdflError("no_evidence", f"no stored batch from {device[:16]} in round {round_}")
+        return out
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crowdfl-edge", description="The crowdfl MEC edge server.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (default: INFO)")
@@ -116,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     bc.add_argument("--message-size-limit", type=int, default=1024 * 1024, help="largest PUBLISH payload in bytes (default 1048576)")
     bc.add_argument("--persistence-dir", default="/var/lib/mosquitto", help="retained messages and sessions (default /var/lib/mosquitto; '' for none)")
     bc.add_argument("--run-as", default="mosquitto", help="user mosquitto drops to when started as root (it must read passwd and acl)")
-    add_config_option(p, [run_cmd, provision_cmd, status_cmd, reg, bc], "TOML file (CROWDFL_EDGE__* variables override it)")
+    ev = sub.add_parser("evidence", help="export a device's signed batches of a round with their proofs (JSON)")
+    ev.add_argument("device", help="the device's node id, 64 hex characters")
+    ev.add_argument("round", type=int, help="the round number")
+    ev.add_argument("--task", help="task id (default: every task the device sent a batch for in that round)")
+    add_config_option(p, [run_cmd, provision_cmd, status_cmd, reg, bc, ev], "TOML file (CROWDFL_EDGE__* variables override it)")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -132,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"device {args.node_id[:16]} registered")
         elif args.command == "broker-config":
             print(json.dumps(broker_config(cfg, args), indent=2))
+        elif args.command == "evidence":
+            print(json.dumps(evidence(cfg, _hex32(args.device, "device"), args.round, args.task), indent=2))
         elif args.command == "status":
             store = EdgeStore(cfg.db_url)
             print(json.dumps({"devices": len(store.active_devices()), **store.counts(), "rejections": store.rejection_counts()}, indent=2))

@@ -51,8 +51,13 @@ class EdgeConfig:
     drain_wait_s: float = 0.05
     resubmit_every_s: float = 5.0
     seed: int = 0
+    # how long after a task's deadline the device-signed batches are kept as evidence
+    # (crowdfl-edge evidence); then they are deleted
+    evidence_retention_days: float = 90.0
 
     def __post_init__(self) -> None:
+        if not self.evidence_retention_days >= 0:
+            raise ValueError("evidence_retention_days must be >= 0")
         if self.drain_max < 1 or self.ingest_workers < 0 or self.drain_wait_s <= 0 or self.resubmit_every_s <= 0:
             raise ValueError("drain_max >= 1, ingest_workers >= 0, drain_wait_s > 0 and resubmit_every_s > 0 are required")
 

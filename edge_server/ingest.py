@@ -29,6 +29,7 @@ from crowdfl.errors import WireError
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.messages import CODEC, FeatureBatch, TaskSpec
 from crowdfl.mqtt import PREFIX, Incoming
+from crowdfl.receipts import SignedReceipt, batch_digest, open_receipt
 from crowdfl.task import laplace_scale
 
 from .store import AcceptedBatch, EdgeStore
@@ -96,6 +97,24 @@ def validate_batch(batch: FeatureBatch, spec: TaskSpec) -> None:
         raise WireError("out_of_bound", f"a feature exceeds {bound:.3g}: not a clipped, noised vector")
     if batch.labels.min() < 0 or batch.labels.max() >= spec.num_classes:
         raise WireError("bad_label", f"labels outside 0..{spec.num_classes - 1}")
+
+
+def check_batch_receipt(batch: FeatureBatch, device: str, edge: str) -> SignedReceipt:
+    """The device's signed receipt must ride with every batch and name this batch's task, round and edge.
+
+    Whether its root covers exactly the stored batches is checked when training (an earlier batch
+    may still be on its way); the coordinator refuses an update without a matching receipt."""
+    signed = open_receipt(batch.receipt)
+    r = signed.receipt
+    if r.device != device:
+        raise WireError("bad_receipt", "receipt is signed by another device than the envelope")
+    if (r.task_id, r.round) != (batch.task_id, batch.round):
+        raise WireError("bad_receipt", f"receipt is for task {r.task_id[:12]} round {r.round}, not the batch's")
+    if r.edge != edge:
+        raise WireError("bad_receipt", "receipt names another edge server")
+    if r.epsilon != batch.epsilon:
+        raise WireError("bad_receipt", "receipt's epsilon differs from the batch's")
+    return signed
 
 
 Opened = FeatureBatch | tuple[str, str]  # a decoded batch, or (reason, detail)
@@ -254,6 +273,7 @@ class Ingestor:
                 if spec is None:
                     raise WireError("unknown_task", f"task {batch.task_id[:12]} is not known here")
                 validate_batch(batch, spec)
+                receipt = check_batch_receipt(batch, sealed.sender_id, self.identity.node_id)
                 owner = (sealed.sender_id, batch.task_id)
                 ids = batch.sample_ids.tolist()
                 if self.store.any_released(sealed.sender_id, batch.task_id, batch.sample_ids) or not drain_ids.get(
@@ -268,7 +288,10 @@ class Ingestor:
             this_drain[key] = sealed.digest
             drain_ids.setdefault(owner, set()).update(ids)
             accepted.append(
-                AcceptedBatch(sealed.sender_id, sealed.seq, sealed.digest, batch.task_id, batch.round, batch.sample_ids, batch.features, batch.labels)
+                AcceptedBatch(
+                    sealed.sender_id, sealed.seq, sealed.digest, batch.task_id, batch.round, batch.sample_ids, batch.features,
+                    batch.labels, batch_digest(batch).hex(), receipt.raw,
+                )
             )
             acks.setdefault(sealed.sender_id, []).append(sealed.seq)
         self.store.persist(accepted, rejections)

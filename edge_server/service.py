@@ -30,11 +30,12 @@ import numpy as np
 from crowdfl.envelope import open_envelope, seal
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import Identity, PublicIdentity, short_id
+from crowdfl.metrics import Histogram
 from crowdfl.messages import CODEC, Ack, ModelUpdate, ModelWeights, Nack, RoundStart, TaskSpec
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic
+from crowdfl.receipts import SignedReceipt, batches_root, open_receipt
 
 from .ingest import Ingestor
-from crowdfl.metrics import Histogram
 from .store import EdgeStore
 from .submit import CoordinatorClient
 from .trainer import HeadTrainer
@@ -85,6 +86,7 @@ class EdgeServer:
         drain_wait_s: float = 0.05,
         resubmit_every_s: float = 5.0,
         ingest_workers: int = 0,
+        retention_s: float = 90 * 86400.0,
     ) -> None:
         self.identity = identity
         self.coordinator = coordinator
@@ -96,6 +98,7 @@ class EdgeServer:
         self.drain_max = drain_max
         self.drain_wait_s = drain_wait_s
         self.resubmit_every_s = resubmit_every_s
+        self.retention_s = retention_s
         self.tasks: dict[str, TaskSpec] = {}
         self._trainers: dict[str, HeadTrainer] = {}
         self.rounds: dict[str, RoundStart] = {}
@@ -183,8 +186,21 @@ class EdgeServer:
             n += self._maybe_schedule(task_id, rs.round, device)
         return n
 
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete the batches (the evidence) of tasks whose deadline plus the retention has passed."""
+        now = time.time() if now is None else now
+        n = 0
+        for task_id, spec in list(self.tasks.items()):
+            if spec.deadline + self.retention_s < now:
+                gone = self.store.purge_batches(task_id)
+                if gone:
+                    log.info("retention over for task %s: deleted %d batches", task_id[:12], gone)
+                n += gone
+        return n
+
     def reconcile(self) -> int:
         """Re-create training jobs the in-memory queue lost (restart) or that failed (after a back-off)."""
+        self.purge_expired()
         for job in [j for j in self._retry_at if self.rounds.get(j.task_id) is None or self.rounds[j.task_id].round != j.round]:
             del self._retry_at[job]  # rounds that are over: nothing left to retry
         n = 0
@@ -235,12 +251,15 @@ class EdgeServer:
         rs = self.rounds[job.task_id]
         if rs.round != job.round:
             return  # the round moved on while the job waited; its data is used in the next one
-        data = self.store.customer_data(job.customer, job.task_id, spec.feature_dim)
+        receipt = self._round_receipt(job)
+        data = self.store.customer_data(job.customer, job.task_id, spec.feature_dim, max_round=job.round)
         seed = (self.seed * 1_000_003 + job.round * 7919 + int(job.customer[:8], 16)) % 2**31
         result = self._trainer(spec).train(self._global_weights(rs.global_model_hash), data, seed)
+        if result.num_samples != receipt.receipt.num_samples:
+            raise RuntimeError(f"trained on {result.num_samples} samples, the device's receipt says {receipt.receipt.num_samples}")
         update = ModelUpdate(
             job.task_id, job.round, job.customer, rs.global_model_hash, tuple(result.weights),
-            result.num_samples, result.inputs_digest, result.loss,
+            result.num_samples, receipt.receipt.batches_root, result.loss, receipt.raw,
         )
         env = seal(CODEC.encode(update), self.identity, time.time_ns())
         self.store.save_update(job.task_id, job.round, job.customer, env, hashlib.sha256(env).hexdigest(), result.seconds)
@@ -248,6 +267,23 @@ class EdgeServer:
         self.stats.train_seconds += result.seconds
         self.stats.train_time.observe(result.seconds)
         log.info("trained %s round %d on %d samples in %.2fs (loss %.3f)", job.customer[:12], job.round, result.num_samples, result.seconds, result.loss)
+
+    def _round_receipt(self, job: TrainJob) -> SignedReceipt:
+        """The device's receipt for the round, once it covers exactly the batches stored here.
+
+        An update is trained on those batches and nothing else, so its sample count and inputs
+        digest are the device's own; until an earlier batch arrives the job is retried."""
+        batches = self.store.batches(job.customer, job.task_id, max_round=job.round)
+        mine = [open_receipt(b.receipt) for b in batches if b.round == job.round and b.receipt]
+        if not mine:
+            raise RuntimeError(f"no receipt from {job.customer[:12]} for round {job.round}")
+        signed = max(mine, key=lambda r: r.receipt.num_batches)  # the latest covers every batch before it
+        root = batches_root([bytes.fromhex(b.batch_digest) for b in batches])
+        if (signed.receipt.batches_root, signed.receipt.num_batches, signed.receipt.num_samples) != (
+            root, len(batches), sum(len(b.sample_ids) for b in batches)
+        ):
+            raise RuntimeError(f"receipt of {job.customer[:12]} round {job.round} does not cover the batches stored here (yet)")
+        return signed
 
     def submit_pending(self) -> None:
         for update_id, env in self.store.unsubmitted_updates():

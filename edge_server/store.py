@@ -69,6 +69,10 @@ class BatchRow(Base):
     features: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, samples x feature_dim
     labels: Mapped[bytes] = mapped_column(LargeBinary)  # int8
     received_at: Mapped[float] = mapped_column(Float)
+    # sha256 of the batch's encoding without its receipt (crowdfl/receipts.py), and the device's
+    # signed receipt that came with it: together the evidence that the device sent these samples
+    batch_digest: Mapped[str] = mapped_column(String(64), default="")
+    receipt: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
 
 
 class TaskRow(Base):
@@ -123,6 +127,24 @@ class AcceptedBatch:
     sample_ids: np.ndarray
     features: np.ndarray
     labels: np.ndarray
+    batch_digest: str = ""
+    receipt: bytes = b""
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """A stored batch as evidence: enough to rebuild its exact encoding (crowdfl/receipts.py)."""
+
+    device: str
+    task_id: str
+    round: int
+    seq: int
+    batch_digest: str
+    receipt: bytes
+    sample_ids: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    received_at: float
 
 
 @dataclass(frozen=True)
@@ -315,7 +337,7 @@ class EdgeStore:
                 "sample_ids": np.ascontiguousarray(b.sample_ids, dtype="<u8").tobytes(),
                 "features": np.ascontiguousarray(b.features, dtype="<f4").tobytes(),
                 "labels": np.ascontiguousarray(b.labels, dtype="i1").tobytes(),
-                "received_at": now,
+                "received_at": now, "batch_digest": b.batch_digest, "receipt": b.receipt,
             }
             for b in batches
         ]
@@ -335,14 +357,15 @@ class EdgeStore:
         for b in batches:
             self._index.extend(b.device, b.task_id, np.asarray(b.sample_ids))
 
-    def customer_data(self, device: str, task_id: str, feature_dim: int) -> CustomerData:
-        """Every sample of a customer for a task, ordered by sample id."""
+    def customer_data(self, device: str, task_id: str, feature_dim: int, max_round: int | None = None) -> CustomerData:
+        """Every sample of a customer for a task (up to a round), ordered by sample id."""
+        query = select(BatchRow.sample_ids, BatchRow.features, BatchRow.labels).where(
+            BatchRow.device == device, BatchRow.task_id == task_id
+        )
+        if max_round is not None:
+            query = query.where(BatchRow.round <= max_round)
         with self.sessions() as s:
-            rows = s.execute(
-                select(BatchRow.sample_ids, BatchRow.features, BatchRow.labels)
-                .where(BatchRow.device == device, BatchRow.task_id == task_id)
-                .order_by(BatchRow.id)
-            ).all()
+            rows = s.execute(query.order_by(BatchRow.id)).all()
         if not rows:
             return CustomerData(np.zeros(0, np.uint64), np.zeros((0, feature_dim), np.float32), np.zeros(0, np.int64))
         ids = np.frombuffer(b"".join(r[0] for r in rows), dtype="<u8").astype(np.uint64)
@@ -350,6 +373,30 @@ class EdgeStore:
         labels = np.frombuffer(b"".join(r[2] for r in rows), dtype="i1").astype(np.int64)
         order = np.argsort(ids, kind="stable")
         return CustomerData(ids[order], np.ascontiguousarray(feats[order], dtype=np.float32), labels[order])
+
+    def batches(self, device: str, task_id: str, max_round: int | None = None) -> list[StoredBatch]:
+        """A device's stored batches for a task (up to a round), in round order."""
+        query = select(BatchRow).where(BatchRow.device == device, BatchRow.task_id == task_id)
+        if max_round is not None:
+            query = query.where(BatchRow.round <= max_round)
+        with self.sessions() as s:
+            rows = list(s.scalars(query.order_by(BatchRow.round, BatchRow.id)))
+            return [
+                StoredBatch(
+                    r.device, r.task_id, r.round, r.seq, r.batch_digest, r.receipt,
+                    np.frombuffer(r.sample_ids, dtype="<u8").astype(np.uint64),
+                    np.frombuffer(r.features, dtype="<f4").reshape(r.samples, -1).copy(),
+                    np.frombuffer(r.labels, dtype="i1").copy(), r.received_at,
+                )
+                for r in rows
+            ]
+
+    def purge_batches(self, task_id: str) -> int:
+        """Drop a task's stored batches (and their evidence) once its retention has passed."""
+        with self.sessions.begin() as s:
+            n = s.execute(BatchRow.__table__.delete().where(BatchRow.task_id == task_id)).rowcount
+        self._index.clear()
+        return int(n or 0)
 
     def rounds_received(self, task_id: str, round_: int) -> set[str]:
         with self.sessions() as s:

@@ -18,7 +18,15 @@ contract CrowdTasks is Owned {
         uint32 rounds;
         uint32 epsilonMilli; // LDP epsilon x 1000
         uint32 anchoredRounds; // rounds 1..anchoredRounds are anchored
+        uint32 settledRounds; // rounds 1..settledRounds have a settlement root
         bool exists;
+    }
+
+    struct Settlement {
+        bytes32 root; // Merkle root over (task, round, customer, reputation x 1000, reward) leaves
+        uint256 total; // wei set aside from the pool for the round's claims
+        uint256 claimed;
+        uint32 customers;
     }
 
     struct Anchor {
@@ -42,6 +50,8 @@ contract CrowdTasks is Owned {
     mapping(bytes32 => mapping(uint32 => bool)) private credited;
     mapping(bytes32 => uint32) private scores;
     mapping(address => uint256) private owed;
+    mapping(bytes32 => mapping(uint32 => Settlement)) private settlements;
+    mapping(bytes32 => mapping(uint32 => mapping(bytes32 => bool))) private claimedBy;
 
     event TaskCreated(
         bytes32 indexed taskId, bytes32 modelHash, uint32 rounds, uint32 epsilonMilli, uint64 deadline, uint256 pool
@@ -62,6 +72,8 @@ contract CrowdTasks is Owned {
     event Credited(bytes32 indexed taskId, uint32 round, bytes32[] keys, uint256[] amounts, uint256 total);
     event Withdrawn(address indexed payout, uint256 amount);
     event PoolReclaimed(bytes32 indexed taskId, uint256 amount);
+    event RoundSettled(bytes32 indexed taskId, uint32 round, bytes32 root, uint256 total, uint32 customers);
+    event Claimed(bytes32 indexed taskId, uint32 round, bytes32 indexed customerKey, address payout, uint256 amount);
 
     constructor(Registry registry_) {
         require(address(registry_) != address(0), "zero registry");
@@ -86,6 +98,7 @@ contract CrowdTasks is Owned {
             rounds: rounds,
             epsilonMilli: epsilonMilli,
             anchoredRounds: 0,
+            settledRounds: 0,
             exists: true
         });
         emit TaskCreated(taskId, modelHash, rounds, epsilonMilli, deadline, msg.value);
@@ -108,10 +121,12 @@ contract CrowdTasks is Owned {
         return (t.exists, t.modelHash, t.rounds, t.epsilonMilli, t.deadline, t.pool, t.anchoredRounds);
     }
 
-    /// @notice Returns the unspent pool once the task is over, so funds never stay locked.
+    /// @notice Returns the unspent pool once the task is over, so funds never stay locked. Only
+    /// after every round is settled (or the deadline passed): a reclaim cannot take what a
+    /// pending settlement owes; wei already set aside for claims stays claimable.
     function reclaim(bytes32 taskId) external onlyOwner {
         Task storage t = _task(taskId);
-        require(t.anchoredRounds == t.rounds || block.timestamp > t.deadline, "task running");
+        require(t.settledRounds == t.rounds || block.timestamp > t.deadline, "task running");
         uint256 amount = t.pool;
         t.pool = 0;
         emit PoolReclaimed(taskId, amount);
@@ -196,6 +211,78 @@ contract CrowdTasks is Owned {
     /// @notice Round in which an update was anchored by anchorUpdate, 0 if never.
     function updateRound(bytes32 taskId, bytes32 updateHash) external view returns (uint32) {
         return updateRounds[taskId][updateHash];
+    }
+
+    // ----------------------------------------------------------- settlement
+
+    /// @notice A round's whole settlement in one constant-size transaction: the root over its
+    /// (customer, reputation, reward) leaves and the total it pays. Settled after the round is
+    /// anchored and in order; customers then claim with a proof (claim), each leaf once.
+    function settleRound(bytes32 taskId, uint32 round, bytes32 root, uint256 total, uint32 customers)
+        external
+        onlyOwner
+    {
+        Task storage t = _task(taskId);
+        require(round >= 1 && round <= t.rounds, "no such round");
+        require(round <= t.anchoredRounds, "round not anchored");
+        require(round == t.settledRounds + 1, "out of order");
+        require(total <= t.pool, "exceeds pool");
+        t.settledRounds = round;
+        t.pool -= total;
+        settlements[taskId][round] = Settlement({root: root, total: total, claimed: 0, customers: customers});
+        emit RoundSettled(taskId, round, root, total, customers);
+    }
+
+    function settlement(bytes32 taskId, uint32 round)
+        external
+        view
+        returns (bytes32 root, uint256 total, uint256 claimed, uint32 customers)
+    {
+        Settlement storage st = settlements[taskId][round];
+        return (st.root, st.total, st.claimed, st.customers);
+    }
+
+    /// @notice The leaf a customer proves: binds task, round, key, reputation and amount.
+    function settlementLeaf(bytes32 taskId, uint32 round, bytes32 customerKey, uint32 reputationMilli, uint256 amount)
+        public
+        pure
+        returns (bytes32)
+    {
+        return sha256(abi.encodePacked(taskId, round, customerKey, reputationMilli, amount));
+    }
+
+    function isClaimed(bytes32 taskId, uint32 round, bytes32 customerKey) external view returns (bool) {
+        return claimedBy[taskId][round][customerKey];
+    }
+
+    /// @notice Anyone may claim for a customer; the wei goes to the customer's registered payout.
+    /// Checks-effects-interactions: marked claimed before the transfer, so never paid twice.
+    function claim(
+        bytes32 taskId,
+        uint32 round,
+        bytes32 customerKey,
+        uint32 reputationMilli,
+        uint256 amount,
+        bytes32[] calldata proof
+    ) external {
+        Settlement storage st = settlements[taskId][round];
+        require(st.root != bytes32(0), "round not settled");
+        require(!claimedBy[taskId][round][customerKey], "already claimed");
+        require(
+            MerkleSha256.verify(settlementLeaf(taskId, round, customerKey, reputationMilli, amount), proof, st.root),
+            "bad proof"
+        );
+        require(st.claimed + amount <= st.total, "exceeds settlement");
+        address payout = registry.payoutOf(customerKey);
+        require(payout != address(0), "no payout");
+        claimedBy[taskId][round][customerKey] = true;
+        st.claimed += amount;
+        scores[customerKey] = reputationMilli;
+        emit Claimed(taskId, round, customerKey, payout, amount);
+        if (amount > 0) {
+            (bool ok,) = payable(payout).call{value: amount}("");
+            require(ok, "transfer failed");
+        }
     }
 
     // ----------------------------------------------------------- reputation

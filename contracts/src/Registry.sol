@@ -17,9 +17,11 @@ contract Registry is Owned {
     }
 
     mapping(bytes32 => Entry) private entries;
+    mapping(bytes32 => bytes32) private edges; // device key -> the edge server key it sends to
 
     event Registered(bytes32 indexed key, uint8 role, address payout);
     event Removed(bytes32 indexed key);
+    event EdgeBound(bytes32 indexed device, bytes32 edge);
 
     function register(bytes32 key, uint8 role, address payout) external onlyOwner {
         _register(key, role, payout);
@@ -34,6 +36,26 @@ contract Registry is Owned {
         for (uint256 i = 0; i < keys.length; ++i) {
             _register(keys[i], roles[i], payouts[i]);
         }
+    }
+
+    /// @notice Binds devices to their edge servers, so an update for a device can only come,
+    /// with the device's own signed receipt, through the edge the manufacturer assigned it.
+    function bindEdges(bytes32[] calldata devices, bytes32[] calldata edgeKeys) external onlyOwner {
+        require(devices.length == edgeKeys.length, "length mismatch");
+        for (uint256 i = 0; i < devices.length; ++i) {
+            Entry storage d = entries[devices[i]];
+            Entry storage e = entries[edgeKeys[i]];
+            require(d.active && d.role == DEVICE, "not an active device");
+            require(e.active && e.role == EDGE, "not an active edge");
+            edges[devices[i]] = edgeKeys[i];
+            emit EdgeBound(devices[i], edgeKeys[i]);
+        }
+    }
+
+    /// @notice The edge an active device is bound to; zero when unbound, removed or not a device.
+    function edgeOf(bytes32 device) external view returns (bytes32) {
+        Entry storage d = entries[device];
+        return d.active && d.role == DEVICE ? edges[device] : bytes32(0);
     }
 
     function remove(bytes32 key) external onlyOwner {

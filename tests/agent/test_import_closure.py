@@ -10,7 +10,7 @@ from tests.agent.process import REPO
 
 def test_agent_imports_no_tensorflow() -> None:
     code = (
-        "import agent.cli, agent.service, agent.sources, crowdfl.front; import sys; "
+        "import agent.cli, agent.service, agent.sources, crowdfl.front, agent.verify, agent.chainview; import sys; "
         'assert "tensorflow" not in sys.modules; '
         'bad = sorted(m for m in ("tensorflow", "keras", "web3", "flask", "sqlalchemy") if m in sys.modules); '
         "assert not bad, bad; "

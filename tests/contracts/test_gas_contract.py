@@ -1,7 +1,7 @@
 """Gas budgets on the embedded chain: one anchor per round must beat one transaction per update.
 
-Measured with solc 0.8.37 (london, optimizer 200) on eth-tester: deploy Registry 557,550 and
-CrowdTasks 1,907,258; registerMany(10) 284,977; createTask 96,209; anchorRound 124,725;
+Measured with solc 0.8.37 (london, optimizer 200) on eth-tester: deploy Registry 742,635 and
+CrowdTasks 2,433,563 (with device->edge bindings and settleRound/claim); registerMany(10) 284,977; createTask 96,209; anchorRound 124,725;
 anchorUpdate ~62,190; setScores(10) 325,877; credit(10) 341,155. Bounds below leave ~10 % room.
 """
 
@@ -19,8 +19,8 @@ def new_key() -> bytes:
 
 
 def test_gas_budgets(client: ChainClient, crowd: CrowdContracts) -> None:
-    assert crowd.deploy_receipts["Registry"].gas_used < 620_000
-    assert crowd.deploy_receipts["CrowdTasks"].gas_used < 2_100_000
+    assert crowd.deploy_receipts["Registry"].gas_used < 820_000
+    assert crowd.deploy_receipts["CrowdTasks"].gas_used < 2_680_000
 
     edge, devices = new_key(), [new_key() for _ in range(10)]
     reg = crowd.register_many([(k, Role.DEVICE, client.new_account().address) for k in devices])

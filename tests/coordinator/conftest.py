@@ -17,3 +17,21 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'coordinator.sqlite'}"
     server = request.getfixturevalue("postgres_server")
     return str(server.create_database(f"coord_{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture(autouse=True)
+def _remember_identities(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Every Identity a test generates is kept by node id, so update_env can sign its device receipts."""
+    from crowdfl.identity import Identity
+    from tests.coordinator import world
+
+    original = Identity.generate.__func__  # type: ignore[attr-defined]
+
+    def generate(cls):  # type: ignore[no-untyped-def]
+        ident = original(cls)
+        world.KEYS[ident.node_id] = ident
+        return ident
+
+    monkeypatch.setattr(Identity, "generate", classmethod(generate))
+    yield
+    world.KEYS.clear()

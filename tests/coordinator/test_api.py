@@ -127,7 +127,7 @@ def test_dashboard_json_model_download_and_removal(setup: tuple[World, FlaskClie
 
     rounds = client.get(f"/api/v1/tasks/{task_id}/rounds").json
     assert rounds[0]["accuracy"] == 0.5 and (rounds[0]["accepted"], rounds[0]["rejected"]) == (4, 0)
-    assert rounds[0]["tx_hash"].startswith("0x") and rounds[0]["block_number"] > 0 and rounds[0]["scores_tx"]
+    assert rounds[0]["tx_hash"].startswith("0x") and rounds[0]["block_number"] > 0 and rounds[0]["credit_tx"] and rounds[0]["settle_gas"] > 0
     detail = client.get(f"/api/v1/tasks/{task_id}/rounds/1").json
     assert sorted(detail["selected_customers"]) == sorted(d.node_id for d in w.devices)
     assert [u for u in detail["updates"] if u["status"] == "rejected"] == []

@@ -59,25 +59,31 @@ def test_an_attacker_loses_reputation_rewards_and_its_place(contracts: CrowdCont
     paid = {c["customer"]: int(c["reward_wei"]) for c in w.coord.rewards(spec.task_id)["customers"]}
     assert paid.get(attacker.node_id, 0) == 0
     assert sum(paid.values()) == POOL
+    # each customer claims its settled rewards with a proof, once per round
+    for r in range(1, 5):
+        for node in w.payouts:
+            leaf = w.coord.claim_proof(spec.task_id, r, node)
+            if leaf is not None:
+                contracts.claim(tid, r, bytes.fromhex(node), leaf["reputation_milli"], int(leaf["amount_wei"]), [bytes.fromhex(p) for p in leaf["proof"]])
     for node, pay in w.payouts.items():
-        assert contracts.owed_to(pay) == paid.get(node, 0)
+        assert contracts.client.balance(pay) == paid.get(node, 0)
     # the chain mirrors the latest reputation of everyone scored
     last = w.coord.reputations(spec.task_id, 4)
     assert contracts.reputation_of(bytes.fromhex(w.devices[1].node_id)) == round(last[w.devices[1].node_id] * 1000) / 1000
     assert contracts.reputation_of(bytes.fromhex(attacker.node_id)) == round(w.coord.reputations(spec.task_id, 3)[attacker.node_id] * 1000) / 1000
-    assert sorted(contracts.scores_set(tid)) == [1, 2, 3, 4] and sorted(contracts.credits(tid)) == [1, 2, 3, 4]
+    assert sorted(contracts.settled_rounds(tid)) == [1, 2, 3, 4]
     assert contracts.task(tid).pool_wei == 0
     # nothing is sent twice
     assert w.coord.anchor_pending() == []
-    assert sorted(contracts.scores_set(tid)) == [1, 2, 3, 4]
+    assert sorted(contracts.settled_rounds(tid)) == [1, 2, 3, 4]
     rounds = w.coord.rounds(spec.task_id)
-    assert all(r["status"] == "anchored" and r["settled"] and r["scores_tx"] and r["credit_tx"] for r in rounds)
+    assert all(r["status"] == "anchored" and r["settled"] and r["credit_tx"] for r in rounds)
 
     report = audit_model(contracts, w.store, rounds[-1]["model_hash"])
     assert report.ok, "\n".join(report.lines())
     assert [r.selected for r in report.rounds] == [len(s) for s in selections]
     assert any(u.score is not None and u.score < 0.2 for u in report.rounds[0].updates)
-    assert "scores on chain tx" in "\n".join(report.lines())
+    assert "settled on chain (tx" in "\n".join(report.lines())
 
 
 def test_audit_catches_a_forged_ledger(contracts: CrowdContracts, tmp_path: Path) -> None:

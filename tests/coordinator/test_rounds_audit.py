@@ -18,6 +18,7 @@ from crowdfl.envelope import parse, seal
 from crowdfl.identity import Identity
 from crowdfl.merkle import verify_proof
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, sha256_hex
+from tests.coordinator.world import update_env
 from tests.helpers import make_spec
 
 
@@ -41,11 +42,6 @@ def world(tmp_path: Path):  # type: ignore[no-untyped-def]
     return coord, spec, edge, devices, store, contracts, published
 
 
-def update_env(edge: Identity, spec, round_: int, customer: str, base: str, scale: float, seq: int, n: int = 10) -> bytes:  # type: ignore[no-untyped-def]
-    rng = np.random.default_rng(seq)
-    weights = tuple((w + scale * rng.standard_normal(w.shape)).astype(np.float32) for w in initial_back_weights(spec, 1))
-    mu = ModelUpdate(spec.task_id, round_, customer, base, weights, n, "ab" * 32, 0.1)
-    return seal(CODEC.encode(mu), edge, seq)
 
 
 def test_intake_accepts_dedupes_and_rejects_with_reasons(world) -> None:  # type: ignore[no-untyped-def]
@@ -234,3 +230,42 @@ def test_prometheus_metrics_follow_intake_rounds_and_anchoring(world) -> None:  
     coord.anchor_pending()
     text = client.get("/metrics").get_data(as_text=True)
     assert "crowdfl_coordinator_anchor_queue 0" in text and 'crowdfl_coordinator_updates{status="accepted"} 4' in text
+
+
+def test_intake_refuses_updates_the_devices_receipt_does_not_vouch_for(world) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import update_receipt
+
+    coord, spec, edge, devices, store, contracts, _ = world
+    rs = coord.open_round(spec.task_id, 1)
+    base = rs.global_model_hash
+
+    def send(device: Identity, seq: int, n: int = 10, **kw: object) -> object:
+        receipt = update_receipt(device, spec.task_id, 1, str(kw.pop("edge_id", edge.node_id)), int(kw.pop("claimed", n)), epsilon=spec.epsilon)
+        return coord.receive_update(update_env(edge, spec, 1, device, base, 0.05, seq, n=n, receipt=receipt))
+
+    # no receipt at all
+    assert coord.receive_update(update_env(edge, spec, 1, devices[0].node_id, base, 0.05, 1, receipt=b"")).detail.startswith("bad_receipt")
+    # a receipt signed by another device than the update's customer
+    forged = update_receipt(devices[1], spec.task_id, 1, edge.node_id, 10, epsilon=spec.epsilon)
+    got = coord.receive_update(update_env(edge, spec, 1, devices[0].node_id, base, 0.05, 2, receipt=forged))
+    assert got.detail.startswith("receipt_mismatch")
+    # the edge claims more samples than the device released
+    assert send(devices[0], 3, n=40, claimed=10).detail.startswith("receipt_samples")  # type: ignore[attr-defined]
+    # a device receipt claiming more samples than one round can release (64 a batch)
+    assert send(devices[0], 4, n=200, claimed=200).detail.startswith("receipt_samples")  # type: ignore[attr-defined]
+    # a receipt naming another edge
+    assert send(devices[0], 5, edge_id=Identity.generate().node_id).detail.startswith("receipt_mismatch")  # type: ignore[attr-defined]
+    # and the honest one goes through
+    assert send(devices[0], 6).status == "received"  # type: ignore[attr-defined]
+
+
+def test_intake_refuses_a_device_the_chain_binds_to_another_edge(world) -> None:  # type: ignore[no-untyped-def]
+    coord, spec, edge, devices, store, contracts, _ = world
+    other = Identity.generate()
+    coord.register([(other.public, "edge", None, None)])
+    # the chain re-binds the device to the other edge behind the coordinator's database
+    contracts.bind_edges([(bytes.fromhex(devices[0].node_id), bytes.fromhex(other.node_id))])
+    rs = coord.open_round(spec.task_id, 1)
+    got = coord.receive_update(update_env(edge, spec, 1, devices[0], rs.global_model_hash, 0.05, 1))
+    assert got.http_status == 403 and got.detail.startswith("wrong_edge_on_chain")
+    assert coord.receive_update(update_env(edge, spec, 1, devices[1], rs.global_model_hash, 0.05, 2)).status == "received"

@@ -17,7 +17,7 @@ from crowdfl.backmodel import initial_back_weights
 from crowdfl.envelope import seal
 from crowdfl.identity import Identity
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, TaskSpec, sha256_hex
-from tests.helpers import make_spec
+from tests.helpers import make_spec, update_receipt
 
 FRONT = b"front-model-bytes"
 
@@ -30,10 +30,23 @@ def task_parts(**overrides: Any) -> tuple[TaskSpec, ModelWeights]:
     return spec, initial
 
 
-def update_env(edge: Identity, spec: TaskSpec, round_: int, customer: str, base: str, scale: float, seq: int, n: int = 10) -> bytes:
+# node id -> Identity of every identity a coordinator test generated (filled by the autouse fixture in
+# conftest.py), so a test that names a device by its node id can still have the device sign its receipt
+KEYS: dict[str, Identity] = {}
+
+
+def update_env(
+    edge: Identity, spec: TaskSpec, round_: int, customer: str | Identity, base: str, scale: float, seq: int, n: int = 10,
+    receipt: bytes | None = None,
+) -> bytes:
+    """A signed update as an edge makes it, with the device's signed receipt for ``n`` samples."""
     rng = np.random.default_rng(seq)
     weights = tuple((w + scale * rng.standard_normal(w.shape)).astype(np.float32) for w in initial_back_weights(spec, 1))
-    mu = ModelUpdate(spec.task_id, round_, customer, base, weights, n, "ab" * 32, 0.1)
+    device = customer if isinstance(customer, Identity) else KEYS.get(customer)
+    node = customer.node_id if isinstance(customer, Identity) else customer
+    if receipt is None:
+        receipt = update_receipt(device, spec.task_id, round_, edge.node_id, n, epsilon=spec.epsilon) if device else b""
+    mu = ModelUpdate(spec.task_id, round_, node, base, weights, n, "ab" * 32, 0.1, receipt)
     return seal(CODEC.encode(mu), edge, seq)
 
 

@@ -14,7 +14,7 @@ from crowdfl.identity import Identity, short_id
 from crowdfl.messages import CODEC, FeatureBatch, ModelUpdate, ModelWeights, RoundStart, TaskSpec, sha256_hex
 from crowdfl.mqtt import Incoming, feature_topic, round_topic, task_topic
 from edge_server.submit import SubmitResult
-from tests.helpers import make_spec
+from tests.helpers import make_spec, with_receipt
 
 
 class FakeLink:
@@ -66,6 +66,7 @@ class World:
     devices: tuple[Identity, ...]
     spec: TaskSpec
     model_bytes: bytes
+    history: dict[tuple[str, str], list[tuple[bytes, int]]] = field(default_factory=dict)  # earlier batches, for receipts
 
     def fetch(self, address: str) -> bytes:
         if address != sha256_hex(self.model_bytes):
@@ -86,6 +87,7 @@ class World:
             self.spec.task_id, round_, np.array(ids, np.uint64), rng.random((n, self.spec.feature_dim), dtype=np.float32),
             rng.integers(0, self.spec.num_classes, n).astype(np.int8), self.spec.epsilon, self.spec.clip_l1,
         )
+        b = with_receipt(b, device, self.edge.node_id, self.history)
         env = seal(CODEC.encode(b), device, seq, self.edge.public)
         return Incoming(feature_topic(short_id(self.edge.node_id), short_id(device.node_id)), env, False)
 

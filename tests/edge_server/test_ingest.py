@@ -12,7 +12,7 @@ from crowdfl.messages import CODEC, FeatureBatch
 from crowdfl.mqtt import Incoming, feature_topic
 from edge_server.ingest import Ingestor
 from edge_server.store import EdgeStore
-from tests.helpers import make_spec
+from tests.helpers import make_spec, with_receipt
 
 SPEC = make_spec()
 
@@ -35,6 +35,8 @@ def batch(ids: list[int], **kw: object) -> FeatureBatch:
 
 
 def msg(edge: Identity, device: Identity, b: FeatureBatch, seq: int, encrypt: bool = True, topic: str | None = None) -> Incoming:
+    if not b.receipt and len(b.sample_ids) and b.epsilon > 0:
+        b = with_receipt(b, device, edge.node_id)
     env = seal(CODEC.encode(b), device, seq, edge.public if encrypt else None)
     return Incoming(topic or feature_topic(short_id(edge.node_id), short_id(device.node_id)), env, False)
 

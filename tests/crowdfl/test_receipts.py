@@ -1,0 +1,44 @@
+"""Receipts: signed by the device, tamper-evident, and they tie a batch to the device by a proof."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from crowdfl.errors import WireError
+from crowdfl.identity import Identity
+from crowdfl.messages import FeatureBatch
+from crowdfl.receipts import batch_digest, batch_proof, open_receipt, verify_batch_proof
+from tests.helpers import with_receipt
+
+
+def _batch(round_: int, seed: int) -> FeatureBatch:
+    rng = np.random.default_rng(seed)
+    return FeatureBatch("ab" * 32, round_, np.arange(seed * 10, seed * 10 + 5, dtype=np.uint64), rng.random((5, 8), dtype=np.float32),
+                        np.zeros(5, np.int8), 4.0, 1.0)
+
+
+def test_receipts_cover_every_batch_and_prove_each_one() -> None:
+    device, edge = Identity.generate(), Identity.generate()
+    history: dict[tuple[str, str], list[tuple[bytes, int]]] = {}
+    batches = [with_receipt(_batch(r, r), device, edge.node_id, history) for r in (1, 2, 3)]
+    last = open_receipt(batches[-1].receipt).receipt
+    assert (last.num_samples, last.num_batches, last.device, last.edge) == (15, 3, device.node_id, edge.node_id)
+    digests = [batch_digest(b) for b in batches]
+    for d in digests:  # a third party ties each batch to the device's signed receipt
+        assert verify_batch_proof(d, batch_proof(digests, d), last.batches_root)
+    changed = batch_digest(dataclasses.replace(batches[0], labels=np.ones(5, np.int8)))
+    assert not verify_batch_proof(changed, batch_proof(digests, digests[0]), last.batches_root)
+
+
+def test_a_receipt_changed_after_signing_does_not_open() -> None:
+    device = Identity.generate()
+    raw = with_receipt(_batch(1, 1), device, "cd" * 32).receipt
+    bad = bytearray(raw)
+    bad[20] ^= 1
+    with pytest.raises(WireError):
+        open_receipt(bytes(bad))
+    with pytest.raises(WireError, match="bad_receipt"):
+        open_receipt(b"")
