@@ -71,7 +71,7 @@ def status(cfg: AgentConfig) -> dict[str, object]:
                 "cap_per_hour": cfg.privacy.max_epsilon_per_hour or None,
                 "cap_per_day": cfg.privacy.max_epsilon_per_day or None,
                 "hours_accounted": hours.hours_accounted,
-                "busiest_hour": datetime.fromtimestamp(hours.busiest_hour * 3600, UTC).isoformat() if hours.busiest_hour is not None else None,
+                "busiest_hour": datetime.fromtimestamp(hours.busiest_hour * 3600, timezone.utc).isoformat() if hours.busiest_hour is not None else None,
             },
             "spool_pending": len(pending),
             "spool_bytes": state.spool_bytes(),
