@@ -128,6 +128,8 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
             try:
                 if task_id not in coord.evaluators:  # also tasks published through the admin API
                     coord.evaluators[task_id] = HeldOut(*_held_out(coord, store, task_id))
+                if task_id not in coord.roots:  # the defences' root dataset (coordinator/defence.py)
+                    coord.roots[task_id] = _root_data(coord, store, task_id)
                 summary = coord.step(task_id, cfg.round_timeout_s)
                 if summary is not None:
                     log.info("round %d closed: accuracy %.3f, %d accepted, %d rejected", summary.round, summary.accuracy, summary.accepted, summary.rejected)
@@ -139,6 +141,27 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     link.stop()
     log.info("coordinator stopped cleanly at %s", time.strftime("%H:%M:%S"))
     return 0
+
+
+def _root_data(coord, store, task_id: str):  # type: ignore[no-untyped-def]
+    """The manufacturer's root homes for FLTrust's reference update: generated, disjoint from the
+    lab, the held-out homes and the customers; noised as a device would (coordinator/reference.py)."""
+    import numpy as np
+
+    from crowdfl import household
+    from crowdfl.task import task_samples
+
+    from .reference import root_data
+    from .task_model import clean_features
+
+    spec = coord.spec(task_id)
+    start = datetime(2026, 9, 1, tzinfo=UTC)
+    homes = household.generate_households(12, 515151, start, 42, 3600)
+    parts = [task_samples(spec, m, int(start.timestamp() // 3600)) for _, m in homes]
+    inputs = np.concatenate([p.inputs for p in parts])
+    labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
+    order = np.random.default_rng(515151).permutation(len(labels))
+    return root_data(clean_features(store.get(spec.front_model_hash), spec, inputs[order]), labels[order], spec, 515151)
 
 
 def _held_out(coord, store, task_id: str):  # type: ignore[no-untyped-def]
