@@ -335,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "robustness")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--defended-only", action="store_true", help="re-run only the defended configurations; keep the plain rows of --out/results.json")
     ap.add_argument("--render-only", action="store_true", help="rewrite report.md and docs/robustness.md from --out/results.json")
     args = ap.parse_args(argv)
     if args.render_only:
@@ -360,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = [(r, False) for r in RULES] + [(r, True) for r in DEFENDED_RULES]
     if plan.quick:
         configs = [("multi_krum", False), (TRUST_MEAN, True)]
+    previous: dict[str, Any] | None = None
+    if args.defended_only:  # the plain rules do not depend on the defences' settings
+        previous = json.loads((args.out / "results.json").read_text())
+        configs = [c for c in configs if c[1]]
     top = max(plan.fractions)
     jobs = [(r, d, Attack.NONE, 0.0) for r, d in configs] + [(r, d, a, top) for a in map(Attack, plan.attacks) for r, d in configs]
     cells = _run_jobs(jobs, worlds, plan, log)
@@ -381,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r, d, a, f in lower:
         rows.append({"rule": r, "defended": d, "attack": a.value, "fraction": f, **summarise(cells[(r, d, a, f)], controls[(r, d)])})
     control_rows = [{"rule": r, "defended": d, **{"test": _stats([x.test[-1] for x in controls[(r, d)]]), "validation": _stats([x.validation[-1] for x in controls[(r, d)]]), "honest_excluded": sum(x.honest_excluded for x in controls[(r, d)]), "guard_refusals": sum(x.refused for x in controls[(r, d)])}} for r, d in configs]
+    if previous is not None:
+        rows = [r for r in previous["rows"] if not r["defended"]] + rows
+        control_rows = [c for c in previous["controls"] if not c["defended"]] + control_rows
     goals = check_goals(rows, default_rule, top, plan)
     results = {
         "plan": asdict(plan), "defence": DefenceConfig().to_json(), "trust_reputation": asdict(TrustReputationConfig()),
