@@ -317,6 +317,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             rebuilt = build_round(
                 spec, r, base, candidates, invalid, manifest.rule, json.loads(manifest.rule_params),
                 accuracy=manifest.held_out_accuracy, ledger=remake if stored is not None else None, receipts=round_receipts,
+                resolve=store.get,
             )
         except (ValueError, CrowdflError) as exc:
             finding.problems.append(f"cannot re-run the aggregation: {exc}")

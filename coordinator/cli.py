@@ -87,6 +87,8 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
                 if task_id not in coord.evaluators:  # also tasks published through the admin API
                     spec = coord.spec(task_id)
                     coord.evaluators[task_id] = HeldOut(*held_out_set(spec, store.get(spec.front_model_hash)))
+                if task_id not in coord.roots:  # the defences' root dataset (coordinator/defence.py)
+                    coord.roots[task_id] = _root_data(coord.spec(task_id), store.get(coord.spec(task_id).front_model_hash))
                 summary = coord.step(task_id, cfg.round_timeout_s)
                 if summary is not None:
                     log.info("round %d closed: accuracy %.3f, %d accepted, %d rejected", summary.round, summary.accuracy, summary.accepted, summary.rejected)
@@ -98,6 +100,19 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     link.stop()
     log.info("coordinator stopped cleanly at %s", time.strftime("%H:%M:%S"))
     return 0
+
+
+def _root_data(spec, front_tflite: bytes):  # type: ignore[no-untyped-def]
+    """The manufacturer's root homes for FLTrust's reference update: generated, disjoint from the
+    lab, the held-out homes and the customers (coordinator/reference.py)."""
+    import numpy as np
+
+    from .reference import root_data
+    from .task_model import ROOT_HOMES, held_out_set
+
+    features, labels = held_out_set(spec, front_tflite, ROOT_HOMES)
+    order = np.random.default_rng(ROOT_HOMES.seed).permutation(len(labels))
+    return root_data(features[order], labels[order], spec, ROOT_HOMES.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

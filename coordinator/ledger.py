@@ -20,7 +20,18 @@ import numpy as np
 from crowdfl.messages import ModelUpdate
 
 from .aggregation import AggregationResult
-from .reputation import ReputationConfig, score_round, select, split_rewards, update_reputations
+from .reputation import (
+    ReputationConfig,
+    TrustReputationConfig,
+    contribution_rewards,
+    score_round,
+    select,
+    split_rewards,
+    standing,
+    trust_round_scores,
+    update_reputations,
+    update_trust_reputations,
+)
 
 LEDGER_KIND = "crowdfl-round-ledger"
 LEDGER_VERSION = 1
@@ -35,18 +46,26 @@ class LedgerPolicy:
 
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     max_participants: int = 0  # 0: every eligible customer the reputation rules allow
+    # reputation from the defences' trust signal (coordinator/defence.py), used for defended rounds
+    trust: TrustReputationConfig = field(default_factory=TrustReputationConfig)
+
+    @property
+    def floor(self) -> float:
+        """The selection floor: the trust reputation's (the score every defended round writes)."""
+        return self.trust.floor
 
     def __post_init__(self) -> None:
         if isinstance(self.max_participants, bool) or not isinstance(self.max_participants, int) or self.max_participants < 0:
             raise ValueError(f"max_participants must be an integer >= 0; got {self.max_participants!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"max_participants": self.max_participants, **asdict(self.reputation)}
+        return {"max_participants": self.max_participants, **asdict(self.reputation), "trust": asdict(self.trust)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LedgerPolicy:
-        rep = {k: v for k, v in data.items() if k != "max_participants"}
-        return cls(ReputationConfig(**rep), int(data.get("max_participants", 0)))
+        rep = {k: v for k, v in data.items() if k not in ("max_participants", "trust")}
+        trust = TrustReputationConfig(**data["trust"]) if isinstance(data.get("trust"), dict) else TrustReputationConfig()
+        return cls(ReputationConfig(**rep), int(data.get("max_participants", 0)), trust)
 
 
 def selection_seed(task_id: str, round_: int) -> int:
@@ -60,7 +79,7 @@ def select_customers(
     """The round's customers among the eligible ones (see reputation.select)."""
     k = policy.max_participants or len(eligible)
     rng = np.random.default_rng(selection_seed(task_id, round_))
-    return select(reputations, sorted(eligible), k, policy.reputation.floor, policy.reputation.newcomer_slots(k), rng)
+    return select(reputations, sorted(eligible), k, policy.floor, policy.reputation.newcomer_slots(k), rng)
 
 
 def round_pool(reward_wei: int, rounds: int, round_: int) -> int:
@@ -89,18 +108,37 @@ def round_ledger(
     with a payout address (only they can be credited on chain).
     """
     customers = [u.customer for _, u in ordered]
-    scores = score_round(customers, [list(u.weights) for _, u in ordered], result, policy.reputation)
+    defended = "defence" in result.params
+    if defended:  # scores from the trust signal (coordinator/defence.py), recorded in the round's params
+        p = result.params
+        if [float(x) for x in p["standing"]] != standing(reputation_before, customers, policy.trust):
+            raise ValueError("the round's standings do not follow from the reputations before it")
+        scores = trust_round_scores(customers, p["cosine"], p["penalty"], policy.trust)
+    else:
+        scores = score_round(customers, [list(u.weights) for _, u in ordered], result, policy.reputation)
     chosen = set(selected)
     for customer, reason in invalid:
         if customer in chosen and customer not in scores and reason.split(":", 1)[0] in PENALISED:
             scores[customer] = 0.0
-    after = update_reputations(reputation_before, scores, policy.reputation)
-    kept = set(result.kept)
-    contributions = {u.customer: u.num_samples for i, (_, u) in enumerate(ordered) if i in kept and u.customer in payees}
-    try:
-        rewards = split_rewards(pool_wei, after, contributions) if contributions else {}
-    except ValueError:  # nobody with a positive weight: the pool stays on chain for later rounds
-        rewards = {c: 0 for c in contributions}
+    if defended:
+        after = update_trust_reputations(reputation_before, scores, policy.trust)
+        # pay by measured value x standing x samples, whether or not the guard published the model:
+        # the customer's work was useful or not on its own merits
+        paid = [i for i, (_, u) in enumerate(ordered) if u.customer in payees]
+        rewards = contribution_rewards(
+            pool_wei,
+            {customers[i]: float(result.params["value"][i]) for i in paid},
+            {customers[i]: float(result.params["standing"][i]) for i in paid},
+            {customers[i]: ordered[i][1].num_samples for i in paid},
+        ) if paid else {}
+    else:
+        after = update_reputations(reputation_before, scores, policy.reputation)
+        kept = set(result.kept)
+        contributions = {u.customer: u.num_samples for i, (_, u) in enumerate(ordered) if i in kept and u.customer in payees}
+        try:
+            rewards = split_rewards(pool_wei, after, contributions) if contributions else {}
+        except ValueError:  # nobody with a positive weight: the pool stays on chain for later rounds
+            rewards = {c: 0 for c in contributions}
     return {
         "kind": LEDGER_KIND,
         "version": LEDGER_VERSION,

@@ -21,6 +21,11 @@ from coordinator.aggregation import AggregationResult, AggregationRule
 __all__ = [
     "CustomerId",
     "ReputationConfig",
+    "TrustReputationConfig",
+    "contribution_rewards",
+    "standing",
+    "trust_round_scores",
+    "update_trust_reputations",
     "closeness",
     "distances_to",
     "round_scores",
@@ -252,6 +257,125 @@ def split_rewards(
     for cid in by_remainder[:leftover]:
         shares[cid] += 1
     return shares
+
+
+# --------------------------------------------------------------------------- trust-based reputation
+
+
+@dataclass(frozen=True)
+class TrustReputationConfig:
+    """Reputation earned from the trust signal of ``coordinator.defence`` (not from closeness to an
+    aggregate the attackers can move): earned slowly, lost fast, newcomers on probation.
+
+    prior: a newcomer's reputation; below 1, so it counts (``standing``) and earns at most
+        ``prior`` of a proven customer until it has shown useful updates.
+    floor: below it a known customer is not selected.
+    gain: r += gain * (score - r) when the score is at or above the reputation (slow: about five
+        good rounds from the prior to 0.85).
+    loss: r += loss * (score - r) when the score is below (faster than the gain: two worthless
+        rounds take a newcomer below the floor; one leaves it on probation, since an honest
+        customer's update can point away from the reference in a round of unlucky noise; 0.45
+        excluded about one honest customer in five over eight rounds in bench/quality/robustness.py,
+        0.3 none).
+    jump: a score more than ``jump`` below the reputation is a sudden change of behaviour (the
+        sleeper who attacks after earning trust): the reputation falls back to the prior before
+        the loss applies, so earned trust does not shelter an attack.
+    relative: a round's cosines to the reference are scored on [-a, +a] with a = relative x their
+        median (fewer than half the updates cannot move a median far): an update as aligned as
+        the ordinary honest one scores 1, an orthogonal one 0.5, a reversed one 0.
+    """
+
+    prior: float = 0.6
+    floor: float = 0.3
+    gain: float = 0.2
+    loss: float = 0.3
+    jump: float = 0.5
+    relative: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("prior", "floor", "gain", "loss", "jump", "relative"):
+            _check_unit(name, getattr(self, name))
+        if self.gain == 0.0 or self.loss == 0.0 or self.relative == 0.0:
+            raise ValueError("gain, loss and relative must be positive")
+
+
+def trust_round_scores(
+    customer_ids: Sequence[CustomerId],
+    cosines: npt.ArrayLike,
+    penalties: npt.ArrayLike,
+    config: TrustReputationConfig,
+) -> dict[CustomerId, float]:
+    """Score each update in [0, 1] from its cosine to the server's reference update.
+
+    ``cosines`` are ``DefendedResult.cosine``; ``penalties`` the product of the similarity and
+    clipping penalties (``similarity_penalty * clip_scale``): a duplicate or an oversized update
+    scores little whatever its direction. A zero update (cosine 0 by definition) scores 0.
+    When the median cosine is not positive (most updates point away from the reference) the
+    scale falls back to 0.05.
+    """
+    c = np.asarray(cosines, dtype=np.float64)
+    p = np.asarray(penalties, dtype=np.float64)
+    if c.shape != (len(customer_ids),) or p.shape != c.shape:
+        raise ValueError(f"{c.size} cosines and {p.size} penalties for {len(customer_ids)} customers")
+    if len(set(customer_ids)) != len(customer_ids):
+        raise ValueError("customer ids are not unique")
+    if not (np.isfinite(c).all() and (np.abs(c) <= 1).all() and np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
+        raise ValueError("cosines must be in [-1, 1] and penalties in [0, 1]")
+    median = float(np.median(c)) if c.size else 0.0
+    a = config.relative * median if median > 0 else 0.05
+    scores = np.clip((c + a) / (2 * a), 0.0, 1.0) * p
+    scores[c == 0.0] = 0.0  # a zero update (free rider) is worth nothing
+    return {cid: float(s) for cid, s in zip(customer_ids, scores, strict=True)}
+
+
+def update_trust_reputations(
+    reputations: Mapping[CustomerId, float], scores: Mapping[CustomerId, float], config: TrustReputationConfig
+) -> dict[CustomerId, float]:
+    """Fold one round's scores in: slow up, fast down, a sudden drop from the prior."""
+    updated = dict(reputations)
+    for cid in sorted(scores):
+        score = scores[cid]
+        _check_unit(f"score of {cid!r}", score)
+        old = reputations.get(cid, config.prior)
+        if score < old - config.jump:
+            old = min(old, config.prior)  # a sudden change: earned trust does not shelter it
+        rate = config.gain if score >= old else config.loss
+        updated[cid] = min(1.0, max(0.0, old + rate * (score - old)))
+    return {cid: updated[cid] for cid in sorted(updated)}
+
+
+def standing(reputations: Mapping[CustomerId, float], customer_ids: Sequence[CustomerId], config: TrustReputationConfig) -> list[float]:
+    """Probation factor of each customer's update in [0, 1]: its reputation (the prior for a
+    newcomer), so a fresh identity weighs at most ``prior`` of a proven customer."""
+    return [float(min(1.0, max(0.0, reputations.get(cid, config.prior)))) for cid in customer_ids]
+
+
+def contribution_rewards(
+    pool: int,
+    values: Mapping[CustomerId, float],
+    standings: Mapping[CustomerId, float],
+    samples: Mapping[CustomerId, int],
+) -> dict[CustomerId, int]:
+    """Pay for useful work: shares of ``pool`` proportional to value x standing x sample count.
+
+    ``values`` are the defences' measured values (0 for a zero, reversed, duplicated or random
+    update), ``samples`` the (device-signed) sample counts. Splitting an identity gains nothing:
+    the halves' sample counts add up to the whole, each half starts on probation, and two halves
+    that send the same update are down-weighted as too similar. When nobody did useful work the
+    pool is not paid (every share 0) and stays for later rounds.
+    """
+    ids = sorted(samples)
+    weights = {}
+    for cid in ids:
+        if cid not in values or cid not in standings:
+            raise ValueError(f"no value or standing for customer {cid!r}")
+        _check_unit(f"value of {cid!r}", values[cid])
+        _check_unit(f"standing of {cid!r}", standings[cid])
+        weights[cid] = float(values[cid]) * float(standings[cid])
+    if not any(w > 0 for w in weights.values()):
+        _check_count("pool", pool)
+        return {cid: 0 for cid in ids}
+    return split_rewards(pool, weights, {cid: samples[cid] for cid in ids})
 
 
 # --------------------------------------------------------------------------- checks

@@ -20,6 +20,10 @@ from crowdfl.merkle import merkle_proof, merkle_root
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, TaskSpec, sha256_hex
 
 from .aggregation import AggregationResult, AggregationRule, aggregate
+from .defence import DefenceConfig, defend, guard
+
+# Reads an artifact from the content store by its sha256 address (the audit passes store.get).
+Resolver = Callable[[str], bytes]
 
 # Given the aggregation's input (in its order) and result, stores the round's ledger; returns its hash.
 LedgerMaker = Callable[[Sequence[tuple[str, ModelUpdate]], AggregationResult], str]
@@ -101,13 +105,26 @@ def build_round(
     ledger: LedgerMaker | None = None,
     ledger_hash: str = "",
     receipts: Sequence[str] = (),
+    resolve: Resolver | None = None,
 ) -> BuiltRound:
-    """Aggregate the valid updates (in hash order) and describe the round in a manifest."""
+    """Aggregate the valid updates (in hash order) and describe the round in a manifest.
+
+    When ``params`` holds a "defence" entry the round is defended (``defended_round``); its
+    inputs (the reference update's address, each update's standing, the guard's validation
+    accuracies once measured) are part of ``params`` and so of the manifest, and ``resolve``
+    reads the base model and the reference from the content store.
+    """
     if not candidates:
         raise ValueError("a round needs at least one valid update")
     ordered = sorted(candidates, key=lambda c: c[0])
     hashes = [h for h, _ in ordered]
-    result = aggregate(rule, [list(u.weights) for _, u in ordered], [u.num_samples for _, u in ordered], **params)
+    refused = ""
+    if "defence" in params:
+        if resolve is None:
+            raise ValueError("a defended round needs the content store to read its base model and reference")
+        result, refused = defended_round(spec, base_model_hash, ordered, params, resolve, evaluate)
+    else:
+        result = aggregate(rule, [list(u.weights) for _, u in ordered], [u.num_samples for _, u in ordered], **params)
     kept = tuple(hashes[i] for i in result.kept)
     if ledger is not None:
         ledger_hash = ledger(ordered, result)
@@ -118,7 +135,7 @@ def build_round(
         accuracy = evaluate(weights) if evaluate is not None else float("nan")
     rejected = sorted(
         [f"{h}:invalid:{reason}" for h, reason in invalid]
-        + [f"{h}:excluded_by_{result.rule}" for h in hashes if h not in kept]
+        + [f"{h}:{refused or 'excluded_by_' + result.rule}" for h in hashes if h not in kept]
     )
     leaves = sorted(hashes + [h for h, _ in invalid])
     receipt_leaves = sorted(set(receipts))
@@ -143,3 +160,60 @@ def build_round(
     )
     proofs = {h: [p.hex() for p in merkle_proof(leaf_bytes, i)] for i, h in enumerate(tree)}
     return BuiltRound(model, model_bytes, manifest, CODEC.encode(manifest), proofs, kept)
+
+
+def defended_round(
+    spec: TaskSpec,
+    base_model_hash: str,
+    ordered: Sequence[tuple[str, ModelUpdate]],
+    params: dict[str, Any],
+    resolve: Resolver,
+    evaluate: Callable[[list[np.ndarray]], float] | None,
+) -> tuple[AggregationResult, str]:
+    """Run ``coordinator.defence.defend`` and the publication guard for one round.
+
+    Inputs read from ``params``: "defence" (the DefenceConfig), "reference" (address of the
+    server's reference model for this round), "standing" (per update, in hash order), "inner"
+    (the inner rule's parameters) and, when replayed, "guard" (the recorded validation
+    accuracies of the candidate and of the previous model). Everything else in ``params`` is
+    recomputed. Returns the result (its params are what the manifest records) and, when the guard
+    refused the candidate, the reason code written for every update ("guard_refused").
+    """
+    config = DefenceConfig.from_json(params["defence"])
+    standing = [float(x) for x in params["standing"]]
+    inner = dict(params.get("inner", {}))
+    base = _load_weights(resolve, base_model_hash, spec)
+    reference = _load_weights(resolve, str(params["reference"]), spec)
+    d = defend(base, [list(u.weights) for _, u in ordered], [u.num_samples for _, u in ordered], reference, standing, config, inner)
+    candidate = [np.asarray(w, dtype=np.float32) for w in d.aggregate.weights]
+    candidate_hash = sha256_hex(CODEC.encode(ModelWeights(spec.task_id, 0, tuple(candidate))))
+    out: dict[str, Any] = {
+        "defence": config.to_json(), "reference": str(params["reference"]), "standing": standing, "inner": inner,
+        "candidate_hash": candidate_hash,
+        "cosine": d.summary()["cosine"],
+        "penalty": [float(f"{float(x):.12g}") for x in d.similarity_penalty * d.clip_scale],
+        "value": d.summary()["value"], "weight": d.summary()["weight"],
+    }
+    recorded = params.get("guard")
+    decision = None
+    if isinstance(recorded, dict):
+        decision = guard(float(recorded["candidate_accuracy"]), float(recorded["previous_accuracy"]), config.guard_tolerance)
+    elif evaluate is not None:
+        decision = guard(float(evaluate(candidate)), float(evaluate(base)), config.guard_tolerance)
+    refused = ""
+    weights, kept = d.aggregate.weights, d.aggregate.kept
+    if decision is not None:
+        out["guard"] = decision.to_json()
+        if not decision.publish:
+            weights, kept, refused = [np.asarray(w) for w in base], (), "guard_refused"
+    result = AggregationResult(list(weights), kept, None, d.aggregate.rule, {**d.aggregate.params, **out})
+    return result, refused
+
+
+def _load_weights(resolve: Resolver, address: str, spec: TaskSpec) -> list[np.ndarray]:
+    data = resolve(address)
+    if sha256_hex(data) != address:
+        raise ValueError(f"artifact {address[:16]} does not match its address")
+    weights = [np.asarray(w, dtype=np.float32) for w in CODEC.decode(data, ModelWeights).weights]
+    check_back_weights(weights, spec)
+    return weights

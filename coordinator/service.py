@@ -29,13 +29,16 @@ from crowdfl.mqtt import round_topic, task_topic
 from crowdfl.receipts import check_receipt_plausible, check_update_against_receipt, open_receipt
 
 from .aggregation import AggregationResult, AggregationRule
+from .defence import TRUST_MEAN, DefenceConfig
+from .reference import RootData, reference_model
+from .reputation import standing
 from .anchoring import Anchored, Anchorer
 from .chain import ChainError
 from .contracts import CrowdContracts, Role
 from .db import Participant, Reputation, Round, Task, Update
-from .ledger import LedgerPolicy, ledger_bytes, parse_ledger, round_ledger, round_pool, select_customers
-from .settlement import settle, to_milli
+from .ledger import LedgerPolicy, ledger_bytes, parse_ledger, round_ledger, round_pool, select_customers, selection_seed
 from .rounds import build_round, check_update, effective_rule, leaf_proof, rule_params
+from .settlement import settle, to_milli
 from .store import ContentStore
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,8 @@ class Coordinator:
         byzantine_fraction: float = 0.2,
         trim_beta: float = 0.1,
         policy: LedgerPolicy | None = None,
+        defence: DefenceConfig | None = DefenceConfig(),  # noqa: B008 (frozen)
+        reference_samples: int = 1024,
     ) -> None:
         self.identity = identity
         self.sessions = sessions
@@ -99,6 +104,12 @@ class Coordinator:
         self.byzantine_fraction = byzantine_fraction
         self.trim_beta = trim_beta
         self.policy = policy or LedgerPolicy()
+        # Defences (coordinator/defence.py; the default is the configuration chosen on validation
+        # homes in bench/quality/robustness.py). A task's rounds are defended when the manufacturer's
+        # root dataset for it is in ``roots`` (the CLI builds one for every running task).
+        self.defence = defence
+        self.roots: dict[str, RootData] = {}
+        self.reference_samples = reference_samples
         self.anchorer = Anchorer(sessions, contracts, store)
         self._lock = threading.RLock()
         self._specs: dict[str, TaskSpec] = {}
@@ -440,8 +451,12 @@ class Coordinator:
                     receipts.append(self.store.put(mu.receipt))  # the device's receipt, a leaf of the round
 
             invalid = [(u.update_hash, u.reason or "invalid") for u in ups if u.status == "rejected"]
-            rule = effective_rule(spec.aggregation, len(candidates))
-            params = rule_params(rule, len(candidates), self.byzantine_fraction, self.trim_beta)
+            root = self.roots.get(task_id)
+            if self.defence is not None and root is not None:
+                rule, params = self._defended_params(spec, task_id, round_, rnd.base_model_hash, candidates, root, self.defence)
+            else:
+                rule = effective_rule(spec.aggregation, len(candidates))
+                params = rule_params(rule, len(candidates), self.byzantine_fraction, self.trim_beta)
             with self.sessions() as s:
                 task = s.get(Task, task_id)
                 assert task is not None
@@ -458,11 +473,15 @@ class Coordinator:
                 ledgers.append(ledger)
                 return self.store.put(ledger_bytes(ledger))
 
-            built = build_round(spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluators.get(task_id, self.evaluate), ledger=make_ledger, receipts=receipts)
+            built = build_round(
+                spec, round_, rnd.base_model_hash, candidates, invalid, rule, params, self.evaluators.get(task_id, self.evaluate),
+                ledger=make_ledger, receipts=receipts, resolve=self.store.get,
+            )
             ledger = ledgers[0]
             model_hash = self.store.put(built.model_bytes)
             manifest_hash = self.store.put(built.manifest_bytes)
             kept = set(built.kept)
+            reasons = dict(r.split(":", 1) for r in built.manifest.rejected)
             with self.sessions.begin() as s:
                 rnd = s.get(Round, (task_id, round_))
                 assert rnd is not None
@@ -470,7 +489,7 @@ class Coordinator:
                     if u.status == "received":
                         u.status = "accepted" if u.update_hash in kept else "rejected"
                         if u.update_hash not in kept:
-                            u.reason = f"excluded_by_{built.manifest.rule}"
+                            u.reason = reasons.get(u.update_hash, f"excluded_by_{built.manifest.rule}")
                     u.proof = json.dumps(built.proofs[u.update_hash])
                 rnd.status = "closed"
                 rnd.closed_at = time.time()
@@ -489,6 +508,22 @@ class Coordinator:
                     ))
                 summary = self._summary(rnd)
         return summary
+
+    def _defended_params(
+        self, spec: TaskSpec, task_id: str, round_: int, base_hash: str, candidates: Sequence[tuple[str, ModelUpdate]],
+        root: RootData, defence: DefenceConfig,
+    ) -> tuple[str, dict[str, Any]]:
+        """The inputs of a defended round: the server's reference update (stored, so the audit can
+        re-run the defences), each update's standing from its reputation, the inner rule's params."""
+        by_hash = dict(candidates)
+        customers = [by_hash[h].customer for h in sorted(by_hash)]
+        stand = standing(self.reputations(task_id, round_ - 1), customers, self.policy.trust)
+        base = [np.asarray(w, np.float32) for w in CODEC.decode(self.store.get(base_hash), ModelWeights).weights]
+        seed = selection_seed(task_id, round_) % 2**31
+        ref = reference_model(base, root, spec, seed, samples=min(len(root.labels), self.reference_samples))
+        ref_hash = self.store.put(CODEC.encode(ModelWeights(task_id, round_, tuple(ref))))
+        inner = {} if defence.rule == TRUST_MEAN else rule_params(defence.rule, len(candidates), self.byzantine_fraction, self.trim_beta)
+        return defence.rule, {"defence": defence.to_json(), "reference": ref_hash, "standing": stand, "inner": inner}
 
     @staticmethod
     def _summary(rnd: Round) -> RoundSummary:

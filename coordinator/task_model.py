@@ -206,6 +206,11 @@ class HeldOutDesign:
     start: datetime = household.WORLD_START
 
 
+# the manufacturer's root homes for FLTrust's server-side reference update (coordinator/reference.py):
+# another generated set, disjoint from the lab, the held-out homes and every customer
+ROOT_HOMES = HeldOutDesign(homes=12, seed=515151)
+
+
 def held_out_set(spec: TaskSpec, front_tflite: bytes, design: HeldOutDesign = HeldOutDesign()) -> tuple[np.ndarray, np.ndarray]:
     """(clean features, int64 labels) of the held-out homes, for the coordinator's round evaluation."""
     homes = household.generate_households(design.homes, design.seed, design.start, design.days, 3600)
