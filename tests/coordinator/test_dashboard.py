@@ -62,6 +62,7 @@ def _get(url: str) -> object:
 @pytest.mark.realpart
 @pytest.mark.slow
 def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -95,7 +96,8 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
         base = urls[0]
         api = base.removesuffix("/dashboard/")
         driver.get(base)
-        wait = WebDriverWait(driver, 240, poll_frequency=0.5)
+        # the page re-renders its tables on every poll: an element read mid-render is stale, so retry
+        wait = WebDriverWait(driver, 240, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,))
         # live: the accuracy plot gains a point per round while the task runs
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#accuracy-chart circle.point")) >= 1)
         driver.save_screenshot(str(ARTIFACTS / "manufacturer-running.png"))
@@ -113,12 +115,19 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
 
         # rewards read in ETH, the exact wei on hover, and both agree with the API
         rewards = {c["customer"][:12]: int(c["reward_wei"]) for c in _get(f"{api}/api/v1/tasks/{task_id}/rewards")["customers"]}  # type: ignore[index]
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rewards-table tbody span.eth")) == len(rewards))
-        for row in driver.find_elements(By.CSS_SELECTOR, "#rewards-table tbody tr"):
-            amount = row.find_element(By.CSS_SELECTOR, "span.eth")
-            wei = rewards[row.find_element(By.CSS_SELECTOR, "td.hash").text.rstrip("…")]
-            assert amount.get_attribute("title") == f"{wei} wei"
-            assert amount.text == f"{eth_text(wei)} ETH"
+        expected = sorted((k, f"{eth_text(w)} ETH", f"{w} wei") for k, w in rewards.items())
+
+        def shown(d):  # type: ignore[no-untyped-def]
+            return sorted(
+                (row.find_element(By.CSS_SELECTOR, "td.hash").text.rstrip("…"), row.find_element(By.CSS_SELECTOR, "span.eth").text,
+                 row.find_element(By.CSS_SELECTOR, "span.eth").get_attribute("title"))
+                for row in d.find_elements(By.CSS_SELECTOR, "#rewards-table tbody tr")
+            )
+
+        try:
+            wait.until(lambda d: shown(d) == expected)
+        except TimeoutException:
+            assert shown(driver) == expected
 
         # verify action: succeeds on the real store
         driver.find_element(By.ID, "verify-button").click()
