@@ -73,10 +73,10 @@ def test_rounds_close_anchor_and_audit(world) -> None:  # type: ignore[no-untype
         rs = coord.open_round(spec.task_id, r)
         for i, d in enumerate(devices):
             seq += 1
-            if r == 2 and d is devices[-1]:  # an invalid update of a selected customer is kept, anchored and rejected
-                assert coord.receive_update(update_env(edge, spec, r, d.node_id, "00" * 32, 0.05, seq)).detail.startswith("wrong_base")
-                continue
             n = 10 * (i + 1)  # unequal sample counts, so a plain mean would differ from FedAvg
+            if r == 2 and d is devices[-1]:  # an invalid update of a selected customer is kept, anchored and rejected
+                assert coord.receive_update(update_env(edge, spec, r, d.node_id, "00" * 32, 0.05, seq, n)).detail.startswith("wrong_base")
+                continue
             env = update_env(edge, spec, r, d.node_id, rs.global_model_hash, 0.05, seq, n)
             assert coord.receive_update(env).status == "received"
             if r == 2:
