@@ -58,7 +58,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[
     from edge_server.api import create_app as edge_app
     from edge_server.service import EdgeServer
     from edge_server.store import EdgeStore
-    from tests.coordinator.test_rounds_audit import update_env
+    from tests.coordinator.world import update_env
     from tests.edge_server.fakes import FakeLink, RecordingCoordinator, make_world
 
     tmp = tmp_path_factory.mktemp("scrape")
@@ -99,7 +99,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[
         coord.register([(sub_edge.public, "edge", None, None), (customer.public, "device", sub_edge.node_id, None)])
         coord.publish_task(spec, front, initial)
         rs = coord.open_round(spec.task_id, 1)
-        assert coord.receive_update(update_env(sub_edge, spec, 1, customer.node_id, rs.global_model_hash, 0.05, 1)).status == "received"
+        assert coord.receive_update(update_env(sub_edge, spec, 1, customer, rs.global_model_hash, 0.05, 1)).status == "received"
         coord.close_round(spec.task_id, 1)
         coord_http = ApiServer(coordinator_app(coord), "127.0.0.1", 0)
         coord_http.start()
