@@ -107,11 +107,33 @@ class _Layout:
 
 
 def fedavg(updates: Sequence[Weights], num_samples: Sequence[int]) -> AggregationResult:
-    """Sample-weighted mean of all updates (McMahan et al. 2017)."""
-    matrix, layout = _stack(updates)
-    counts = _check_samples(num_samples, matrix.shape[0])
-    kept = tuple(range(matrix.shape[0]))
-    flat = _weighted_mean(matrix, counts, kept)
+    """Sample-weighted mean of all updates (McMahan et al. 2017).
+
+    Streamed: no n x P copy of the updates (FedAvg needs no other update to score one), but the
+    same float64 additions in the same (index) order per parameter as `_weighted_mean`, so the
+    result is bit-for-bit what the matrix path gives and what the audit recomputes.
+    """
+    layout = _check_layout(updates)
+    counts = _check_samples(num_samples, len(updates))
+    rows = [[np.asarray(layer).reshape(-1) for layer in update] for update in updates]
+    flat = np.zeros(layout.offsets[-1], dtype=np.float64)
+    term = np.empty(_STREAM_BLOCK, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite input is named below
+        # a block of columns at a time, so the float64 sum and term stay in cache while every
+        # update's slice is read once; per parameter still update 0, 1, 2, ... in order
+        for j in range(len(layout.shapes)):
+            base, size = layout.offsets[j], layout.offsets[j + 1] - layout.offsets[j]
+            for start in range(0, size, _STREAM_BLOCK):
+                stop = min(start + _STREAM_BLOCK, size)
+                acc, t = flat[base + start : base + stop], term[: stop - start]
+                for i, row in enumerate(rows):
+                    t[...] = row[j][start:stop]  # exact widening to float64, then c * x exactly rounded once
+                    t *= counts[i]
+                    acc += t
+    if not np.isfinite(flat).all():
+        _raise_first_non_finite(updates)  # NaN/Inf in an update poisons the sum: say which one
+    flat /= math.fsum(counts)
+    kept = tuple(range(len(updates)))
     return _result(flat, layout, kept, None, AggregationRule.FEDAVG, {})
 
 
@@ -242,6 +264,45 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
 
 
 # --------------------------------------------------------------------------- validation
+
+
+_STREAM_BLOCK = 32768  # float64 columns per block of the streamed FedAvg (64 KiB: sum and term fit in L2)
+
+
+def _check_layout(updates: Sequence[Weights]) -> _Layout:
+    """`_stack`'s shape and dtype checks, without copying the updates."""
+    if len(updates) == 0:
+        raise ValueError("no updates to aggregate")
+    first = [np.asarray(layer) for layer in updates[0]]
+    if not first:
+        raise ValueError("update 0 has no layers")
+    shapes = tuple(layer.shape for layer in first)
+    dtypes = tuple(layer.dtype for layer in first)
+    for j, dtype in enumerate(dtypes):
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"update 0 layer {j}: dtype {dtype} is not a float dtype")
+    sizes = [math.prod(shape) for shape in shapes]
+    offsets = tuple(int(x) for x in np.cumsum([0, *sizes]))
+    if offsets[-1] == 0:
+        raise ValueError("the model has no parameters")
+    for i, update in enumerate(updates):
+        layers = first if i == 0 else [np.asarray(layer) for layer in update]
+        if len(layers) != len(shapes):
+            raise ValueError(f"update {i} has {len(layers)} layers; update 0 has {len(shapes)}")
+        for j, layer in enumerate(layers):
+            if layer.shape != shapes[j] or layer.dtype != dtypes[j]:
+                raise ValueError(
+                    f"update {i} layer {j} is {layer.dtype}{list(layer.shape)}; "
+                    f"update 0 has {dtypes[j]}{list(shapes[j])}"
+                )
+    return _Layout(shapes, dtypes, offsets)
+
+
+def _raise_first_non_finite(updates: Sequence[Weights]) -> None:
+    for i, update in enumerate(updates):
+        for j, layer in enumerate(update):
+            if not np.isfinite(np.asarray(layer)).all():
+                raise ValueError(f"update {i} layer {j} contains NaN or Inf")
 
 
 def _stack(updates: Sequence[Weights]) -> tuple[np.ndarray, _Layout]:

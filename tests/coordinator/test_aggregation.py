@@ -413,3 +413,23 @@ def test_krum_ignores_f_far_away_outliers(
     assert result.kept == tuple(honest_idx)
     out = flat(result)
     assert (honest.min(axis=0) <= out).all() and (out <= honest.max(axis=0)).all()
+
+
+def test_streamed_fedavg_is_bit_for_bit_the_matrix_path() -> None:
+    """fedavg streams the updates (no n x P copy); the audit's replay needs it to equal, bit for
+    bit, the sample-weighted row-by-row float64 sum over the stacked matrix."""
+    from coordinator.aggregation import _result, _stack, _weighted_mean
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 33):
+        updates = [
+            [rng.standard_normal((7, 3)).astype(np.float32) * 10.0 ** rng.integers(-3, 4), rng.standard_normal(5).astype(np.float32)]
+            for _ in range(n)
+        ]
+        samples = [int(x) for x in rng.integers(1, 10_000, n)]
+        matrix, layout = _stack(updates)
+        counts = np.array(samples, dtype=np.float64)
+        reference = _result(_weighted_mean(matrix, counts, tuple(range(n))), layout, tuple(range(n)), None, AggregationRule.FEDAVG, {})
+        streamed = fedavg(updates, samples)
+        for a, b in zip(streamed.weights, reference.weights, strict=True):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
