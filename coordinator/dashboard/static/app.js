@@ -91,4 +91,4 @@ async function verifyMerkleProof(leafHex, proofHex, rootHex) {
   return bytesToHex(node) === rootHex;
 }
 
-window.crowdfl = { API, getJSON, el, short, fmt, lineChart, verifyMerkleProof, POLL_MS, COLORS };
+window.crowdfl = { API, getJSON, el, short, fmt, lineChart, verifyMerkleProof, sha256, hexToBytes, POLL_MS, COLORS };
