@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from coordinator.audit import audit_model
@@ -14,7 +13,6 @@ from coordinator.db import make_sessions
 from coordinator.service import Coordinator
 from coordinator.store import LocalContentStore
 from crowdfl.backmodel import initial_back_weights
-from crowdfl.envelope import seal
 from crowdfl.identity import Identity
 from crowdfl.merkle import verify_proof
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, sha256_hex
