@@ -127,8 +127,9 @@ def _participant_entry(raw: object, where: str) -> tuple[PublicIdentity, str, st
     return PublicIdentity.from_hex(node_id, enc_key), role, edge, payout
 
 
-def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
-    """``admin_token`` empty: the admin actions are refused (401) for everyone."""
+def create_app(coord: Coordinator, admin_token: str = "", public_rpc_url: str = "") -> Flask:
+    """``admin_token`` empty: the admin actions are refused (401) for everyone. ``public_rpc_url`` is
+    the JSON-RPC URL the customer page offers by default (labelled as the manufacturer's)."""
     app = Flask("crowdfl.coordinator")
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPDATE_BYTES
     app.register_blueprint(dashboard_blueprint())
@@ -243,6 +244,11 @@ def create_app(coord: Coordinator, admin_token: str = "") -> Flask:
         if data is None:
             return error("not_found", f"round {round_} is not closed", 404)
         return jsonify(data)
+
+    @app.get("/api/v1/chain")
+    def chain_info() -> Any:
+        """Where to check: the contracts' addresses and the RPC URL the manufacturer suggests."""
+        return jsonify({"rpc_url": public_rpc_url, "addresses": dict(coord.contracts.addresses)})
 
     @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/leaves/<leaf>")
     def leaf(task_id: str, round_: int, leaf: str) -> Any:

@@ -58,7 +58,9 @@ def openapi_document() -> dict[str, Any]:
             "model_hash": _HASH, "manifest_hash": _HASH, "merkle_root": _HASH, "ledger_hash": _HASH,
             "tx_hash": {"type": ["string", "null"]}, "block_number": {"type": ["integer", "null"]},
             "gas_used": {"type": ["integer", "null"]}, "settled": {"type": "boolean"},
-            "scores_tx": {"type": ["string", "null"]}, "credit_tx": {"type": ["string", "null"]},
+            "settle_gas": {"type": ["integer", "null"], "description": "gas of the round's settleRound transaction"},
+            "round_gas": {"type": "integer", "description": "the round's whole coordinator-side gas: anchor + settlement"},
+            "credit_tx": {"type": ["string", "null"], "description": "the round's settleRound transaction"},
             "anchor_attempts": {"type": "integer"}, "anchor_error": {"type": ["string", "null"]},
         },
     }
@@ -110,6 +112,22 @@ def openapi_document() -> dict[str, Any]:
             "a customer's update and its Merkle proof against the anchored root", {"type": "object", "properties": {
                 "update_hash": _HASH, "status": {"type": "string"}, "reason": {"type": ["string", "null"]},
                 "proof": {"type": "array", "items": _HASH}, "merkle_root": _HASH}}, ["task_id", "round", "customer"]),
+        "/api/v1/tasks/{task_id}/rounds/{round}/leaves/{leaf}": _get(
+            "Merkle proof of an update or device-receipt hash against the round's anchored root (check it on chain)",
+            {"type": "object", "properties": {"leaf": _HASH, "proof": {"type": "array", "items": _HASH}, "merkle_root": _HASH}},
+            ["task_id", "round", "leaf"]),
+        "/api/v1/tasks/{task_id}/rounds/{round}/claims/{customer}": {
+            **_get("a customer's settlement leaf (reputation x 1000, wei) and its proof against the settled root", {
+                "type": "object", "properties": {"reputation_milli": {"type": "integer"}, "amount_wei": _WEI,
+                                                 "proof": {"type": "array", "items": _HASH}}}, ["task_id", "round", "customer"]),
+            "post": {
+                "summary": "send the customer's claim on its behalf (the contract pays only its registered payout, once)",
+                "parameters": [{"$ref": f"#/components/parameters/{p}"} for p in ("task_id", "round", "customer")],
+                "responses": {"200": _json({"type": "object"}), "404": _ERROR, "409": _ERROR, "503": _ERROR},
+            },
+        },
+        "/api/v1/chain": _get("the contracts' addresses and the JSON-RPC URL the manufacturer suggests to customers",
+                              {"type": "object", "properties": {"rpc_url": {"type": "string"}, "addresses": {"type": "object"}}}),
         "/api/v1/tasks/{task_id}/rounds/{round}/updates": _get(
             "the round's updates with status, reason, score, reputation and reward", {"type": "array", "items": {"type": "object"}},
             ["task_id", "round"]),
@@ -148,7 +166,7 @@ def openapi_document() -> dict[str, Any]:
     params = {
         name: {"name": name, "in": "path", "required": True, "schema": schema}
         for name, schema in {"task_id": _HASH, "node_id": _HASH, "customer": _HASH, "address": _HASH, "model_hash": _HASH,
-                             "round": {"type": "integer", "minimum": 1}}.items()
+                             "leaf": _HASH, "round": {"type": "integer", "minimum": 1}}.items()
     }
     return {
         "openapi": "3.1.0",

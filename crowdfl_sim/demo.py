@@ -78,8 +78,9 @@ class DemoResult:
     samples_released: int = 0
     messages_rejected: dict[str, int] = field(default_factory=dict)
     pretrain_accuracy: float = 0.0
-    rewards_wei: int = 0  # owed on chain to the customers' payout addresses (the contract's owedTo), all rounds
-    rewards_db_wei: int = 0  # the same credits as the coordinator's database records them
+    rewards_wei: int = 0  # settled on chain (the contract's per-round settlement totals), all rounds
+    rewards_db_wei: int = 0  # the same rewards as the coordinator's database records them
+    devices_verified: int = 0  # agents whose `crowdfl-agent verify` passed against the chain
 
 
 class Progress:
@@ -172,7 +173,14 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
             coord_id, make_sessions(f"sqlite:///{workdir / 'coordinator.sqlite'}"), store, contracts, publish,
             HeldOut(features, labels),
         )
-        api = ApiServer(create_app(coordinator))
+        from crowdfl.serving import BackgroundHttpServer
+
+        from .rpc import rpc_app
+
+        rpc = BackgroundHttpServer(rpc_app(chain.w3), name="demo-rpc")  # what a customer's own node would answer
+        rpc.start()
+        cleanups.append(rpc.stop)
+        api = ApiServer(create_app(coordinator, public_rpc_url=rpc.url))
         api.start()
         cleanups.append(api.stop)
         progress.line(f"  coordinator API on {api.url}; content store in {workdir / 'store'}")
@@ -270,10 +278,11 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
 
         rewards = coordinator.rewards(spec.task_id)
         result.rewards_db_wei = sum(int(c["reward_wei"]) for c in rewards["customers"])
-        result.rewards_wei = sum(contracts.owed_to(p) for p in payouts)  # read back from the contract
+        task_key = bytes.fromhex(spec.task_id)  # read back from the contract: what each round set aside for claims
+        result.rewards_wei = sum(s.total for s in (contracts.settlement(task_key, r.round) for r in result.rounds) if s is not None)
         reps = [c["reputation"] for c in rewards["customers"]] or [float("nan")]
         progress.line(
-            f"rewards: {result.rewards_wei / 1e18:.4f} ETH of the {opts.reward_wei / 1e18:g} ETH pool credited to "
+            f"rewards: {result.rewards_wei / 1e18:.4f} ETH of the {opts.reward_wei / 1e18:g} ETH pool settled on chain for "
             f"{sum(1 for c in rewards['customers'] if int(c['reward_wei']) > 0)} customers by reputation x samples; "
             f"reputation now {min(reps):.2f}-{max(reps):.2f}"
         )
@@ -283,6 +292,25 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         result.audit_lines = report.lines()
         for ln in result.audit_lines:
             progress.line("  " + ln)
+        # each device checks its own receipts and rewards against the chain, through its own RPC URL
+        from agent.chainview import ChainView
+        from agent.verify import coordinator_json, verify
+        from crowdfl.receipts import open_receipt
+
+        view = ChainView(rpc.url, contracts.addresses["CrowdTasks"], contracts.addresses["Registry"])
+        claimable = 0
+        for a in agents:
+            receipts = [(t, r, raw, open_receipt(raw).receipt.num_samples) for t, r, raw in a.state.receipts()]
+            check = verify(receipts, a.identity.node_id, view, coordinator_json(api.url))
+            result.devices_verified += int(check.ok)
+            claimable += sum(c.claim_wei for c in check.rounds)
+            if not check.ok:
+                for ln in check.lines():
+                    progress.line(f"  device {a.short[:8]}: {ln}")
+        progress.line(
+            f"devices' own check (crowdfl-agent verify through JSON-RPC {rpc.url}): {result.devices_verified}/{len(agents)} "
+            f"found every receipt in an anchored round; {claimable / 1e18:.4f} ETH claimable by proof"
+        )
         result.samples_released = sum(a.state.budget().samples_released for a in agents)
         rejected: dict[str, int] = {}
         for e in edges:

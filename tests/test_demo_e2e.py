@@ -25,8 +25,10 @@ def test_small_demo_learns_anchors_and_verifies() -> None:
         assert r.gas_used > 0 and r.block_number > 0
     assert [b.block_number for b in result.rounds] == sorted({b.block_number for b in result.rounds})
     assert result.audit_ok, "\n".join(result.audit_lines)
-    # the whole pool, credited by reputation: read back from the contract (owedTo of every payout
-    # address), and the coordinator's database agrees with the chain
+    assert result.devices_verified == 6, text  # every device's own check against the chain passes
+    assert len(re.findall(r"device [0-9a-f]{12} via edge [0-9a-f]{12}: 96 samples in 1 signed batch", text)) == 6, text
+    # the whole pool, settled by reputation: read back from the contract's per-round settlements,
+    # and the coordinator's database agrees with the chain
     assert result.rewards_wei == DemoOptions().reward_wei
     assert result.rewards_db_wei == result.rewards_wei
     assert result.samples_released == 6 * 3 * 96

@@ -20,9 +20,7 @@ from coordinator.audit import AuditReport, audit_model
 from coordinator.chain import ChainConfig, connect
 from coordinator.contracts import CrowdContracts
 from coordinator.db import Update
-from crowdfl.envelope import seal
 from crowdfl.identity import Identity
-from crowdfl.messages import CODEC, ModelUpdate
 from tests.coordinator.world import FRONT, World, make_world, task_parts, update_env
 from tests.helpers import update_receipt
 

@@ -146,7 +146,12 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
             button.click()
         wait.until(lambda d: all(c.text.startswith(("yes", "NO", "cannot")) for c in d.find_elements(By.CSS_SELECTOR, "td.proof-result")))
         verdicts = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "td.proof-result")]
-        assert all(v.startswith("yes") for v in verdicts), verdicts
+        assert all(v.startswith("yes") and "read from http://127.0.0.1:" in v for v in verdicts), verdicts  # the chain's root, via RPC
+        for button in driver.find_elements(By.CSS_SELECTOR, "button.claim-button"):
+            button.click()
+        wait.until(lambda d: all(c.text.endswith(")") or c.text.startswith(("NO", "cannot")) for c in d.find_elements(By.CSS_SELECTOR, "td.claim-result")))
+        claims = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "td.claim-result")]
+        assert all("wei claimable (settled root" in v for v in claims), claims
         driver.save_screenshot(str(ARTIFACTS / "customer.png"))
 
         # tamper with one stored update of the last round: the verify action must now report failure

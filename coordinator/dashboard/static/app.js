@@ -107,5 +107,5 @@ async function verifyMerkleProof(leafHex, proofHex, rootHex) {
   return bytesToHex(node) === rootHex;
 }
 
-if (typeof window !== "undefined") window.crowdfl = { API, getJSON, el, short, fmt, weiToEth, ethAmount, lineChart, verifyMerkleProof, POLL_MS, COLORS };
+if (typeof window !== "undefined") window.crowdfl = { API, getJSON, el, short, fmt, weiToEth, ethAmount, lineChart, verifyMerkleProof, sha256, hexToBytes, POLL_MS, COLORS };
 if (typeof module !== "undefined") module.exports = { weiToEth };  // the unit test runs it under node
