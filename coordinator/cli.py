@@ -16,7 +16,8 @@ from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings
 from crowdfl.runtime import add_config_option, setup_logging, stop_on_signals
 
-from .reputation import ReputationConfig
+from .defence import DefenceConfig
+from .reputation import ReputationConfig, TrustReputationConfig
 
 log = logging.getLogger("crowdfl.coordinator")
 
@@ -47,6 +48,9 @@ class CoordinatorConfig:
     admin_token: str = ""
     max_participants: int = 0  # customers per round; 0: every eligible one
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    # defended rounds (coordinator/defence.py) and the reputation they feed; docs/robustness.md
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    trust: TrustReputationConfig = field(default_factory=TrustReputationConfig)
 
     @property
     def key_file(self) -> Path:
@@ -109,7 +113,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     coord = Coordinator(
         ident, make_sessions(cfg.db_url), store, contracts, lambda t, p, r: link.publish(t, p, qos=1, retain=r),
         byzantine_fraction=cfg.byzantine_fraction, trim_beta=cfg.trim_beta,
-        policy=LedgerPolicy(cfg.reputation, cfg.max_participants),
+        policy=LedgerPolicy(cfg.reputation, cfg.max_participants, cfg.trust), defence=cfg.defence,
     )
     if new_task is not None and not coord.running_tasks():
         designed = design_task(TaskDesign(rounds=int(new_task["rounds"]), epsilon=new_task["epsilon"]), datetime(2026, 9, 1, tzinfo=UTC))
