@@ -308,7 +308,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def summarise(runs: list[RunResult], control: list[RunResult]) -> dict[str, Any]:
-    shares, heads, flagged, excluded, refused = [], [], [], [], []
+    shares, flagged, excluded, refused = [], [], [], []
     for r in runs:
         total = sum(r.reward.values())
         bad_total = sum(v for c, v in r.reward.items() if c in r.attackers)
@@ -351,8 +351,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
-
-    from . import household_task as hh
 
     design = make_design(plan)
     log(f"task designed (pretraining on the manufacturer's lab homes): {design.seconds:.1f}s")
