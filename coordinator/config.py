@@ -10,7 +10,8 @@ from crowdfl.mqtt import MqttSettings
 from crowdfl.secrets import resolve_secret
 from crowdfl.serving import HttpLimits
 
-from .reputation import ReputationConfig
+from .defence import DefenceConfig
+from .reputation import ReputationConfig, TrustReputationConfig
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class CoordinatorConfig:
     admin_token_file: Path | None = None  # or the systemd credential "admin-token"
     max_participants: int = 0  # customers per round; 0: every eligible one
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    # defended rounds (coordinator/defence.py) and the reputation they feed; docs/robustness.md
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    trust: TrustReputationConfig = field(default_factory=TrustReputationConfig)
     # the API's waitress limits: body (chunked too; 413), headers (431), idle connections, threads
     http_limits: HttpLimits = field(default_factory=HttpLimits)
 

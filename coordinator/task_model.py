@@ -47,8 +47,8 @@ class TaskDesign:
     samples_per_round: int = 128
     local_epochs: int = 5
     learning_rate: float = 0.005
-    # robust by default: with 30 % attackers Multi-Krum + reputation selection stays within a point
-    # of the attack-free run where FedAvg collapses (docs/quality.md)
+    # the rule for rounds the coordinator cannot defend (no root dataset for the task); defended
+    # rounds use coordinator/defence.py, whose default was chosen in docs/robustness.md
     aggregation: str = "multi_krum"
     lab_households: int = 12
     lab_days: int = 56

@@ -115,7 +115,10 @@ TABLE: dict[str, tuple[str, Callable[[], str]]] = {
     "gas of a whole round": ("gas", gas_figure),
 }
 # figure cells that are only a link to a report generated from a committed result
-LINKED_REPORTS = {"docs/quality.md": RESULTS / "quality" / "results.json"}
+LINKED_REPORTS = {
+    "docs/quality.md": RESULTS / "quality" / "results.json",
+    "docs/robustness.md": RESULTS / "robustness" / "results.json",
+}
 
 
 def measured_rows() -> list[tuple[str, str, str]]:

@@ -308,7 +308,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def summarise(runs: list[RunResult], control: list[RunResult]) -> dict[str, Any]:
-    shares, heads, flagged, excluded, refused = [], [], [], [], []
+    shares, flagged, excluded, refused = [], [], [], []
     for r in runs:
         total = sum(r.reward.values())
         bad_total = sum(v for c, v in r.reward.items() if c in r.attackers)
@@ -352,15 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
-    from . import household_task as hh
-
     design = make_design(plan)
     log(f"task designed (pretraining on the manufacturer's lab homes): {design.seconds:.1f}s")
     worlds = {s: build_world(plan, s, design) for s in plan.seeds}
     log(f"{len(worlds)} worlds built (customers, test, validation and root homes per seed)")
     configs = [(r, False) for r in RULES] + [(r, True) for r in DEFENDED_RULES]
     if plan.quick:
-        configs = [("multi_krum", False), (TRUST_MEAN, True)]
+        configs = [("multi_krum", False), (DefenceConfig().rule, True)]
     previous: dict[str, Any] | None = None
     if args.defended_only:  # the plain rules do not depend on the defences' settings
         previous = json.loads((args.out / "results.json").read_text())
@@ -386,13 +384,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r, d, a, f in lower:
         rows.append({"rule": r, "defended": d, "attack": a.value, "fraction": f, **summarise(cells[(r, d, a, f)], controls[(r, d)])})
     control_rows = [{"rule": r, "defended": d, **{"test": _stats([x.test[-1] for x in controls[(r, d)]]), "validation": _stats([x.validation[-1] for x in controls[(r, d)]]), "honest_excluded": sum(x.honest_excluded for x in controls[(r, d)]), "guard_refusals": sum(x.refused for x in controls[(r, d)])}} for r, d in configs]
+    note = ""
     if previous is not None:
+        note = (f"The plain (defences off) rows come from an earlier full run of the same code ({previous['seconds']:.0f} s); "
+                f"only the defended rows were re-run (`--defended-only`) after a change of the defences' settings.")
         rows = [r for r in previous["rows"] if not r["defended"]] + rows
         control_rows = [c for c in previous["controls"] if not c["defended"]] + control_rows
     goals = check_goals(rows, default_rule, top, plan)
     results = {
         "plan": asdict(plan), "defence": DefenceConfig().to_json(), "trust_reputation": asdict(TrustReputationConfig()),
-        "validation_choice": choice, "default_rule": default_rule, "controls": control_rows, "rows": rows, "goals": goals,
+        "note": note, "validation_choice": choice, "default_rule": default_rule, "controls": control_rows, "rows": rows, "goals": goals,
         "seconds": time.perf_counter() - t_start,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -484,6 +485,7 @@ def render(res: dict[str, Any]) -> str:
         f"(mean ± standard deviation over seeds of the final test accuracy). Regenerate with "
         f"`python -m bench.quality.robustness{' --quick' if plan['quick'] else ''}` ({res['seconds']:.0f} s on this machine).",
         "",
+        *([res["note"], ""] if res.get("note") else []),
         f"Default chosen on validation homes: **defended {res['default_rule']}** "
         f"(mean validation accuracy over the attacks at {top:.0%} and the control: "
         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(res["validation_choice"].items())) + ").",
@@ -561,8 +563,11 @@ DOC_HEADER = """# Robustness: what the defences assume, what they do, what they 
    et al. 2019); an update whose most similar other update has cosine > 0.95 loses weight linearly
    to 0 at 1 (FoolsGold, Fung et al., RAID 2020).
 3. The update's weight is trust × similarity penalty × clipping penalty × standing (its
-   reputation; a newcomer is on probation at 0.6), and the new model is the global model plus the
-   weighted mean of the clipped deltas.
+   reputation; a newcomer is on probation at 0.6). Updates of weight 0 are not admitted. The new
+   model is the coordinate median of the admitted, clipped updates (the coordinator's default,
+   chosen on the validation homes below) or, with `rule = "trust_mean"`, the global model plus
+   the weight-averaged clipped deltas (FLTrust's combination). The two tie within noise on
+   validation (table below); the median needs no weights, the trust mean uses probation.
 4. A guard compares the candidate with the previous model on the manufacturer's validation homes
    and keeps the previous model when the candidate is more than 5 points worse (Zeno-style
    validation, Xie et al., ICML 2019); the decision, both accuracies and the candidate's hash are
@@ -596,7 +601,36 @@ DOC_HEADER = """# Robustness: what the defences assume, what they do, what they 
   (docs/quality.md); the figures below are means over seeds beside an attackers-absent control
   built with the same seeds.
 """
-DOC_FOOTER = ""
+DOC_FOOTER = """
+## Reading the results (written by hand for the committed run; re-check after a re-run)
+
+- **Accuracy.** At 30 % attackers the defended default stays within 2 points of its own
+  attackers-absent control under all 12 attacks (worst: copycat and label flip, +0.020). Without
+  the defences, inner-product manipulation takes FedAvg and the trimmed mean to 0.10 and Multi-Krum
+  to 0.46 ± 0.22, and the colluding group takes FedAvg to 0.14.
+- **Flagging.** Inner-product manipulation, colluding, "a little is enough", Sybils, sleepers
+  (counted from the round they switch), free riders and copycats fall below the floor in 2 rounds
+  on every seed, random noise in 3. Sign flip, label flip and jittered ALIE are not reliably
+  flagged: their updates are weakly aligned with the reference, so their trust (and weight) is
+  small but their score is not 0. Scaled ×10 updates are clipped (harmless) and flagged in 5–7.
+- **Rewards.** Free riders, copycats, inner-product, colluding, ALIE and Sybil attackers earn 0 %
+  of the rewards (their head count is 30 %); without the defences free riders collect 47–56 %.
+  Jittered ALIE attackers collect 35 %: an update that is the honest mean plus its own noise looks
+  like useful work to every signal here. Sleepers collect 30 %, earned in the rounds they behaved.
+  Scaled and label-flipping attackers collect 11–13 % (their updates carry some real training).
+- **Honest customers excluded: not met.** Across the 12 attacks and 5 seeds 135 honest
+  customer-runs ended below the floor with the default rule (about 2 of the 14 honest customers
+  per attacked run; in the 5 control runs 25, i.e. 5 of 20 per run; 9 with the trust mean). Their updates point away from the
+  reference in several rounds in a row. The reputation's loss rate trades this against flagging
+  speed (0.45 excluded about twice as many); a way back for excluded customers (a probation slot
+  every few rounds) is not built.
+- **Guard.** It refuses 2–3 rounds per 8-round run even without attackers: honest training on
+  these noisy features regularly produces a model more than 5 points worse on validation than the
+  previous one (the learning issue of docs/quality.md); keeping the previous model is then the
+  right call, and the refusals are recorded in each round's manifest.
+- **Cost.** The full run took 2492 s + 1075 s on two cores shared with five other jobs, beyond the
+  20-minute budget; `--quick` takes about 45 s unloaded (3 min under that load).
+"""
 
 
 if __name__ == "__main__":

@@ -36,15 +36,16 @@ def _delta(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([(x.astype(np.float64) - y).ravel() for x, y in zip(a, b)])
 
 
-def test_inner_product_manipulation_gets_no_weight() -> None:
+@pytest.mark.parametrize("rule", [TRUST_MEAN, "coordinate_median"])
+def test_inner_product_manipulation_gets_no_weight(rule: str) -> None:
     base, ref, honest = _world()
     mean = [np.mean([u[j] - base[j] for u in honest], axis=0) for j in range(4)]
     ipm = [(b - 4.0 * m).astype(np.float32) for b, m in zip(base, mean)]
     ups = honest + [ipm] * 6  # 30 % attackers
-    d = defend(base, ups, [100] * 20, ref, [1.0] * 20, DefenceConfig())
+    d = defend(base, ups, [100] * 20, ref, [1.0] * 20, DefenceConfig(rule=rule))
     assert (d.trust[14:] == 0).all() and (d.weight[14:] == 0).all()
     assert set(d.admitted) <= set(range(14))
-    clean = defend(base, honest, [100] * 14, ref, [1.0] * 14, DefenceConfig())
+    clean = defend(base, honest, [100] * 14, ref, [1.0] * 14, DefenceConfig(rule=rule))
     assert weights_digest(d.aggregate.weights) == weights_digest(clean.aggregate.weights)
     step = _delta(d.aggregate.weights, base)
     assert float(step @ _delta(ref, base)) > 0  # the model still moves towards the clean reference
@@ -77,7 +78,7 @@ def test_free_rider_zero_update_is_worth_nothing() -> None:
 
 def test_probation_scales_weight_and_nothing_admitted_keeps_base() -> None:
     base, ref, honest = _world()
-    d = defend(base, honest[:2], [1, 1], ref, [1.0, 0.5], DefenceConfig())
+    d = defend(base, honest[:2], [1, 1], ref, [1.0, 0.5], DefenceConfig(rule=TRUST_MEAN))
     assert d.weight[1] == pytest.approx(0.5 * d.value[1], rel=1e-9)
     none = defend(base, honest[:2], [1, 1], ref, [0.0, 0.0], DefenceConfig())
     assert none.admitted == () and weights_digest(none.aggregate.weights) == weights_digest(base)
@@ -85,10 +86,12 @@ def test_probation_scales_weight_and_nothing_admitted_keeps_base() -> None:
 
 def test_deterministic_and_other_rules() -> None:
     base, ref, honest = _world(3)
-    a = defend(base, honest, [5] * 14, ref, [0.7] * 14, DefenceConfig())
-    b = defend(base, [[w.copy() for w in u] for u in honest], [5] * 14, ref, [0.7] * 14, DefenceConfig())
+    cfg = DefenceConfig(rule=TRUST_MEAN)
+    a = defend(base, honest, [5] * 14, ref, [0.7] * 14, cfg)
+    b = defend(base, [[w.copy() for w in u] for u in honest], [5] * 14, ref, [0.7] * 14, cfg)
     assert a.aggregate.digest() == b.aggregate.digest() and a.aggregate.rule == TRUST_MEAN
-    assert a.aggregate.params["defence"] == DefenceConfig().to_json()
+    assert a.aggregate.params["defence"] == cfg.to_json()
+    assert DefenceConfig().rule == "coordinate_median"  # the default chosen on validation
     for rule, params in (("coordinate_median", {}), ("multi_krum", {"f": 3}), ("trimmed_mean", {"beta": 0.2})):
         r = defend(base, honest, [5] * 14, ref, [1.0] * 14, DefenceConfig(rule=rule), params)
         assert r.aggregate.rule in (rule, "multi_krum") and all(w.dtype == np.float32 for w in r.aggregate.weights)

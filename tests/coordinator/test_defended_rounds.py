@@ -77,7 +77,7 @@ def test_defended_rounds_exclude_attackers_pay_useful_work_and_replay(contracts:
 
     m1 = CODEC.decode(w.store.get(manifests[0]), RoundManifest)
     params = json.loads(m1.rule_params)
-    assert m1.rule == "trust_mean" and params["defence"]["rule"] == "trust_mean"
+    assert m1.rule == "coordinate_median" and params["defence"]["rule"] == "coordinate_median"  # the default
     assert w.store.has(params["reference"])  # the reference is stored: anyone can re-run the defences
     assert params["standing"] == [0.6] * 10  # everyone a newcomer on probation in round 1
     history = w.coord.reputation_history(spec.task_id)
