@@ -17,7 +17,8 @@ from coordinator.reference import RootData, reference_model
 from crowdfl.backmodel import initial_back_weights
 from crowdfl.envelope import seal
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest
-from tests.coordinator.world import FRONT, make_world, task_parts
+from tests.coordinator.world import FRONT, KEYS, make_world, task_parts
+from tests.helpers import update_receipt
 
 POOL = 3 * 1_000_000
 
@@ -36,7 +37,9 @@ def _root(spec, n: int = 256, seed: int = 0) -> RootData:  # type: ignore[no-unt
 
 
 def _envelope(w, spec, round_: int, customer: str, base: str, weights, seq: int, samples: int = 10) -> bytes:  # type: ignore[no-untyped-def]
-    mu = ModelUpdate(spec.task_id, round_, customer, base, tuple(np.asarray(x, np.float32) for x in weights), samples, "ab" * 32, 0.1)
+    # the device's signed receipt for its samples, as every update must carry (crowdfl/receipts.py)
+    receipt = update_receipt(KEYS[customer], spec.task_id, round_, w.edge.node_id, samples, epsilon=spec.epsilon)
+    mu = ModelUpdate(spec.task_id, round_, customer, base, tuple(np.asarray(x, np.float32) for x in weights), samples, "ab" * 32, 0.1, receipt)
     return seal(CODEC.encode(mu), w.edge, seq)
 
 
@@ -57,7 +60,7 @@ def _run(w, spec, root: RootData, rounds: int, attackers: set[str], riders: set[
                 weights = [b.copy() for b in base]
             else:
                 weights = [b + s * rng.uniform(0.5, 1.5) + rng.normal(0, 0.3 * float(np.abs(s).mean()) + 1e-6, b.shape) for b, s in zip(base, step)]
-            samples = 128 if node in attackers | riders else 40
+            samples = spec.samples_per_round if node in attackers | riders else 40  # the most one batch may claim
             got = w.coord.receive_update(_envelope(w, spec, r, node, rs.global_model_hash, weights, seq, samples))
             assert got.status == "received", got
         manifests.append(w.coord.close_round(spec.task_id, r).manifest_hash)
@@ -89,7 +92,7 @@ def test_defended_rounds_exclude_attackers_pay_useful_work_and_replay(contracts:
     assert min(history[h][-1]["reputation"] for h in honest) > 0.6
     paid = {c["customer"]: int(c["reward_wei"]) for c in w.coord.rewards(spec.task_id)["customers"]}
     assert sum(paid.get(n, 0) for n in attackers | riders) == 0
-    assert sum(paid.values()) == POOL  # claiming 128 samples buys nothing without useful work
+    assert sum(paid.values()) == POOL  # claiming the most samples buys nothing without useful work
 
     rounds = w.coord.rounds(spec.task_id)
     report = audit_model(contracts, w.store, rounds[-1]["model_hash"])
