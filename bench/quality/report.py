@@ -145,9 +145,10 @@ def _findings(res: dict[str, Any], add: Any) -> None:
                f"{_f(max(max(r['auc_ev_features'], r['auc_dishwasher_features']) for r in low))}) and rises to "
                f"{_f(max(r['auc_dishwasher_features'] for r in finite))} (dishwasher) at the largest finite ε"
                + (f", {_f(hi['auc_dishwasher_features'])} without noise" if hi else "") + ". " if low else "")
-            + f"The leak that ε does not touch is the label, sent in clear (`label_epsilon` 0): it alone gives R² "
+            + f"The leak that ε does not touch is the label, in clear in these sweeps (`label_epsilon` 0, to isolate the features): it alone gives R² "
             f"{_f(lo['r2_label'])} for the window's energy, and a home's label histogram tells whether it has an EV "
-            f"charger with AUC {_f(lo['auc_ev_labels'])}, at every ε. Set `label_epsilon` for tasks where that matters.")
+            f"charger with AUC {_f(lo['auc_ev_labels'])}, at every ε. The label-privacy study below measures what "
+            f"randomised response on the labels costs and buys; the task's default now sets `label_epsilon`.")
     add("")
 
 
