@@ -40,6 +40,11 @@ def write_report(res: dict[str, Any], out: Path) -> str:
         f"on {env.get('started', '?')}; wall time {sec['total']:.0f} s on {env.get('cpus', '?')} CPUs "
         f"(household {sec.get('household', 0):.0f} s, trainer check {sec.get('trainer_check', 0):.0f} s, "
         f"attacks {sec.get('attacks', 0):.0f} s, inference attack {sec.get('inference', 0):.0f} s, digits {sec.get('digits', 0):.0f} s).")
+    if res.get("merged_parts"):
+        add("")
+        add(f"The {', '.join(res['merged_parts'])} ran in parallel processes of the same code "
+            f"(`python -m bench.quality --skip seeds,labels` and `--only <part>`, with `--seeds …` for the seed study) and were merged "
+            f"into one results.json; each part seeds its own generators, so a sequential run computes the same parts.")
     add("")
     add("Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("started", "cpus", "platform")) + f"; {env.get('platform', '')}.")
     add("")

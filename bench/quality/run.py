@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/quality, or .../quick with --quick)")
     parser.add_argument("--no-docs", action="store_true", help="do not copy the report to docs/quality.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and plots from the existing results.json")
-    parser.add_argument("--only", choices=("labels", "seeds"), help="run one part into the existing results.json (merged), then rewrite the report")
+    parser.add_argument("--only", choices=("labels", "seeds", "digits"), help="run one part into the existing results.json (merged), then rewrite the report")
     parser.add_argument("--seeds", default="", help="comma-separated seeds for the seed study (default: the plan's)")
     parser.add_argument("--skip", default="", help="comma-separated parts not to run (seeds, labels): to run them in a parallel process")
     args = parser.parse_args(argv)
@@ -464,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only == "labels":
             run_labels(plan, res_part, part_log)
             prev["labels"] = res_part.labels
+        elif args.only == "digits":
+            run_digits(plan, res_part, part_log)
+            prev["digits"] = res_part.digits
         else:
             run_seeds(plan, res_part, part_log)
             old = prev.get("seeds") or {"seeds": [], "digits": [], "household": []}
