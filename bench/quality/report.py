@@ -40,6 +40,11 @@ def write_report(res: dict[str, Any], out: Path) -> str:
         f"on {env.get('started', '?')}; wall time {sec['total']:.0f} s on {env.get('cpus', '?')} CPUs "
         f"(household {sec.get('household', 0):.0f} s, trainer check {sec.get('trainer_check', 0):.0f} s, "
         f"attacks {sec.get('attacks', 0):.0f} s, inference attack {sec.get('inference', 0):.0f} s, digits {sec.get('digits', 0):.0f} s).")
+    if res.get("carried_over"):
+        add("")
+        add(f"**Not rerun for this version:** the {', '.join(res['carried_over'])} section(s) below are carried over "
+            f"unchanged from the previous results.json (code before issue 14: the edge trained with Adam, float "
+            f"Laplace noise); this run ran out of time before reaching them.")
     if res.get("merged_parts"):
         add("")
         add(f"The {', '.join(res['merged_parts'])} ran in parallel processes of the same code "
@@ -165,8 +170,9 @@ def _trainer_section(res: dict[str, Any], add: Any) -> None:
     add("## The edge's trainer, its numpy mirror and the trainer it replaced")
     add("")
     add(f"`edge_server.trainer.HeadTrainer` is built once per task (one `tf.function`, traced once); it fits the "
-        f"class-statistics head in closed form from each customer's noisy class sums, then fine-tunes it by full-batch "
-        f"Adam pulled towards it in proportion to the known noise variance (why: the module's docstring). "
+        f"class-statistics head in closed form from each customer's noisy class sums, then fine-tunes its output layer "
+        f"(a logistic regression on the features) by full-batch Adam pulled towards it in proportion to the known noise "
+        f"variance (why: the module's docstring). "
         f"Per training here: **{sp['keras'] * 1000:.1f} ms**, against {sp['keras_legacy'] * 1000:.0f} ms for the trainer "
         f"it replaced (`bench.quality.fasttrain.train_keras_legacy`: a fresh Keras model per call and Adam on the noisy "
         f"features), timed in this run: {tc.get('speedup_vs_legacy', float('nan')):.0f}× faster. The sweeps below use "
