@@ -66,6 +66,7 @@ class Agent:
         policy: PrivacyPolicy,
         rng: np.random.Generator,
         resend_after_s: float = 30.0,
+        simulated_noise: bool = False,
     ) -> None:
         self.identity = identity
         self.coordinator = coordinator
@@ -78,6 +79,9 @@ class Agent:
         self.model_dir = Path(model_dir)
         self.policy = policy
         self.rng = rng
+        # a device draws its noise from the OS CSPRNG; a simulation (crowdfl.sim.demo) may draw it
+        # from its seeded ``rng`` so that a run is reproducible
+        self.simulated_noise = simulated_noise
         self.tasks: dict[str, ActiveTask] = {}
         self._unjoined: dict[str, TaskSpec] = {}  # verified specs whose front model could not be fetched yet
         # selected rounds the usage log had no fresh sample for yet (e.g. a round that starts before

@@ -43,7 +43,7 @@ class TaskDesign:
     horizon_hours: int = 6
     window_stride_hours: int = 1  # >= window_hours: no two released windows share an hour (agent.privacy.sample_spend)
     feature_dim: int = 8
-    hidden_units: int = 48  # >= feature_dim x (classes + 1): room for the edge's class-statistics head
+    hidden_units: int = 32  # < feature_dim x (classes + 1) = 40: the edge trains this head with Adam (edge_server.trainer)
     samples_per_round: int = 128
     local_epochs: int = 5
     learning_rate: float = 0.005

@@ -220,7 +220,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 Agent(
                     ident, coord_id.public, edge.identity.public, usage, AgentState(adir / "state.sqlite"), link, fetch,
                     adir / "models", PrivacyPolicy(max_epsilon=max(8.0, opts.epsilon)), np.random.default_rng([opts.seed, j, 1]),
-                    resend_after_s=10.0,
+                    resend_after_s=10.0, simulated_noise=True,  # reproducible runs; a device uses the OS CSPRNG
                 )
             )
             payout = chain.w3.eth.account.create().address

@@ -60,7 +60,11 @@ def design(epsilon: float, setup: HouseholdSetup, seed: int) -> Design:
     t0 = time.perf_counter()
     eps = float(epsilon)
     d = design_task(
-        TaskDesign(rounds=setup.rounds, epsilon=eps, samples_per_round=setup.samples_per_round, seed=seed + 7, hidden_units=setup.hidden_units),
+        TaskDesign(
+            rounds=setup.rounds, epsilon=eps, samples_per_round=setup.samples_per_round, seed=seed + 7,
+            hidden_units=setup.hidden_units,
+            label_epsilon=0.0,  # the sweeps vary the features' epsilon alone; run.run_labels measures label privacy
+        ),
         START,
         now=0.0,
     )

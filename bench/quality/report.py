@@ -40,6 +40,16 @@ def write_report(res: dict[str, Any], out: Path) -> str:
         f"on {env.get('started', '?')}; wall time {sec['total']:.0f} s on {env.get('cpus', '?')} CPUs "
         f"(household {sec.get('household', 0):.0f} s, trainer check {sec.get('trainer_check', 0):.0f} s, "
         f"attacks {sec.get('attacks', 0):.0f} s, inference attack {sec.get('inference', 0):.0f} s, digits {sec.get('digits', 0):.0f} s).")
+    if res.get("carried_over"):
+        add("")
+        add(f"**Not rerun for this version:** the {', '.join(res['carried_over'])} section(s) below are carried over "
+            f"unchanged from the previous results.json (code before issue 14: the edge trained with Adam, float "
+            f"Laplace noise); this run ran out of time before reaching them.")
+    if res.get("merged_parts"):
+        add("")
+        add(f"The {', '.join(res['merged_parts'])} ran in parallel processes of the same code "
+            f"(`python -m bench.quality --skip seeds,labels` and `--only <part>`, with `--seeds …` for the seed study) and were merged "
+            f"into one results.json; each part seeds its own generators, so a sequential run computes the same parts.")
     add("")
     add("Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("started", "cpus", "platform")) + f"; {env.get('platform', '')}.")
     add("")
@@ -145,9 +155,10 @@ def _findings(res: dict[str, Any], add: Any) -> None:
                f"{_f(max(max(r['auc_ev_features'], r['auc_dishwasher_features']) for r in low))}) and rises to "
                f"{_f(max(r['auc_dishwasher_features'] for r in finite))} (dishwasher) at the largest finite ε"
                + (f", {_f(hi['auc_dishwasher_features'])} without noise" if hi else "") + ". " if low else "")
-            + f"The leak that ε does not touch is the label, sent in clear (`label_epsilon` 0): it alone gives R² "
+            + f"The leak that ε does not touch is the label, in clear in these sweeps (`label_epsilon` 0, to isolate the features): it alone gives R² "
             f"{_f(lo['r2_label'])} for the window's energy, and a home's label histogram tells whether it has an EV "
-            f"charger with AUC {_f(lo['auc_ev_labels'])}, at every ε. Set `label_epsilon` for tasks where that matters.")
+            f"charger with AUC {_f(lo['auc_ev_labels'])}, at every ε. The label-privacy study below measures what "
+            f"randomised response on the labels costs and buys; the task's default now sets `label_epsilon`.")
     add("")
 
 
@@ -159,8 +170,9 @@ def _trainer_section(res: dict[str, Any], add: Any) -> None:
     add("## The edge's trainer, its numpy mirror and the trainer it replaced")
     add("")
     add(f"`edge_server.trainer.HeadTrainer` is built once per task (one `tf.function`, traced once); it fits the "
-        f"class-statistics head in closed form from each customer's noisy class sums, then fine-tunes it by full-batch "
-        f"Adam pulled towards it in proportion to the known noise variance (why: the module's docstring). "
+        f"class-statistics head in closed form from each customer's noisy class sums, then fine-tunes its output layer "
+        f"(a logistic regression on the features) by full-batch Adam pulled towards it in proportion to the known noise "
+        f"variance (why: the module's docstring). "
         f"Per training here: **{sp['keras'] * 1000:.1f} ms**, against {sp['keras_legacy'] * 1000:.0f} ms for the trainer "
         f"it replaced (`bench.quality.fasttrain.train_keras_legacy`: a fresh Keras model per call and Adam on the noisy "
         f"features), timed in this run: {tc.get('speedup_vs_legacy', float('nan')):.0f}× faster. The sweeps below use "

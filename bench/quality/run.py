@@ -441,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/quality, or .../quick with --quick)")
     parser.add_argument("--no-docs", action="store_true", help="do not copy the report to docs/quality.md")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and plots from the existing results.json")
-    parser.add_argument("--only", choices=("labels",), help="rerun one part into the existing results.json, then rewrite the report")
+    parser.add_argument("--only", choices=("labels", "seeds", "digits"), help="run one part into the existing results.json (merged), then rewrite the report")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds for the seed study (default: the plan's)")
     parser.add_argument("--skip", default="", help="comma-separated parts not to run (seeds, labels): to run them in a parallel process")
     args = parser.parse_args(argv)
     _quiet()
@@ -451,14 +452,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_outputs(json.loads((out / "results.json").read_text()), out, docs=not (args.no_docs or args.quick))
         return 0
     plan = Plan.make(args.quick, args.seed)
-    if args.only == "labels":
+    if args.seeds:
+        plan = replace(plan, seeds=tuple(int(x) for x in args.seeds.split(",")))
+    if args.only:
+        # one part in its own process (parts are independent: each seeds its own generators), merged
+        # into the results.json of the run it completes
         prev = json.loads((out / "results.json").read_text())
         res_part = Results(plan=prev["plan"])
         t_part = time.perf_counter()
-        run_labels(plan, res_part, lambda m: print(f"[{time.perf_counter() - t_part:6.1f}s] {m}", flush=True))
-        prev["labels"] = res_part.labels
-        prev["plan"] = asdict(plan) | {k: v for k, v in prev["plan"].items() if k not in ("label_seeds", "label_epsilons")}
-        prev.setdefault("seconds", {})["labels"] = time.perf_counter() - t_part
+        part_log = lambda m: print(f"[{time.perf_counter() - t_part:6.1f}s] {m}", flush=True)  # noqa: E731
+        if args.only == "labels":
+            run_labels(plan, res_part, part_log)
+            prev["labels"] = res_part.labels
+        elif args.only == "digits":
+            run_digits(plan, res_part, part_log)
+            prev["digits"] = res_part.digits
+        else:
+            run_seeds(plan, res_part, part_log)
+            old = prev.get("seeds") or {"seeds": [], "digits": [], "household": []}
+            mine = set(plan.seeds)
+            prev["seeds"] = {
+                "seeds": sorted(set(old["seeds"]) | mine),
+                "digits": [r for r in old["digits"] if r["seed"] not in mine] + res_part.seeds["digits"],
+                "household": [r for r in old["household"] if r["seed"] not in mine] + res_part.seeds["household"],
+            }
+        prev.setdefault("seconds", {})[args.only] = prev.get("seconds", {}).get(args.only, 0.0) + time.perf_counter() - t_part
         (out / "results.json").write_text(json.dumps(prev, indent=1, default=_json_default) + "\n")
         _write_outputs(prev, out, docs=not (args.no_docs or args.quick))
         return 0
