@@ -20,6 +20,7 @@ import queue
 import ssl
 import threading
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -61,6 +62,9 @@ class MqttSettings:
     keepalive: int = 30
     reconnect_min_s: int = 1
     reconnect_max_s: int = 60
+    # a larger incoming message is skipped as it streams in (never held whole) and counted; the
+    # largest envelope any role accepts is 32 MiB, plus room for the topic
+    max_message_bytes: int = 32 * 1024 * 1024 + 65536
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,40 @@ class Incoming:
     topic: str
     payload: bytes
     retain: bool
+
+
+class _BoundedClient(mqtt.Client):
+    """A paho client that never holds an incoming packet larger than ``max_packet_bytes``.
+
+    paho reads a whole packet into memory before it looks at it, so a 100 MB publish cost 100 MB
+    (and one ``recv`` of 100 MB). Here, once the packet's length is known to be too large, reads
+    are capped at 64 KiB and everything past the first ``_KEEP`` bytes (topic and packet id) is
+    thrown away as it arrives; the truncated message is then acknowledged (so the broker does not
+    redeliver it) and dropped in :meth:`MqttLink._on_message`.
+    """
+
+    _KEEP = 2 + 65535 + 2  # topic length, the longest topic, packet id
+    _CHUNK = 65536
+
+    def __init__(self, *args: Any, max_packet_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_packet_bytes = max_packet_bytes
+        self.discarding = False  # the packet being read is over the limit
+        self.largest_held = 0  # bytes of one incoming packet ever held at once (for tests)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        p = self._in_packet
+        if p["command"] == 0:
+            self.discarding = False  # a new packet starts
+        elif p["have_remaining"] and p["remaining_length"] > self.max_packet_bytes:
+            if not self.discarding:
+                self.discarding = True
+                log.warning("incoming MQTT packet of %d bytes exceeds %d: skipping it", p["remaining_length"], self.max_packet_bytes)
+            if len(p["packet"]) > self._KEEP:
+                del p["packet"][self._KEEP :]
+            bufsize = min(bufsize, self._CHUNK)
+        self.largest_held = max(self.largest_held, len(p["packet"]) + min(bufsize, p["to_process"] or bufsize))
+        return super()._sock_recv(bufsize)
 
 
 class MqttLink:
@@ -79,7 +117,10 @@ class MqttLink:
         self.inbox: queue.Queue[Incoming] = queue.Queue(maxsize=max_queue)
         self.connected = threading.Event()
         self.dropped = 0
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+        self.oversized = 0  # incoming messages over settings.max_message_bytes, skipped
+        c = _BoundedClient(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False, max_packet_bytes=settings.max_message_bytes
+        )
         c.max_queued_messages_set(0)
         c.max_inflight_messages_set(100)
         if settings.username:
@@ -141,6 +182,10 @@ class MqttLink:
             log.warning("MQTT disconnected (%s); paho reconnects with back-off", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if isinstance(client, _BoundedClient) and client.discarding:
+            self.oversized += 1
+            log.error("dropped an MQTT message over %d bytes on %s (%d so far)", self.settings.max_message_bytes, msg.topic, self.oversized)
+            return
         try:
             # block the network thread for a while: back-pressure to the broker beats dropping
             self.inbox.put(Incoming(msg.topic, bytes(msg.payload), bool(msg.retain)), timeout=10)

@@ -73,7 +73,7 @@ def _get(url: str) -> tuple[int, str, str]:
         return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
 
 
-def _wait(cond, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+def _wait(cond, timeout: float = 300.0) -> None:  # type: ignore[no-untyped-def]  # TF training on a loaded 2-core machine
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
