@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from crowdfl.artifacts import fetch_artifact
 from crowdfl.errors import CrowdflError
