@@ -11,7 +11,8 @@ import pytest
 
 from crowdfl.identity import Identity, short_id
 from crowdfl.mqtt import MqttLink, MqttSettings, feature_topic
-from tests.support.mosquitto import mosquitto_broker  # noqa: F401  (fixture)
+from tests.support.mosquitto import find_tools, running_mosquitto
+from tests.support.realparts import require_real_part
 
 pytestmark = [pytest.mark.realpart]
 
@@ -23,7 +24,17 @@ def _wait(cond: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def test_an_oversized_message_is_skipped_without_being_held(mosquitto_broker) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+@pytest.fixture(scope="module")
+def mosquitto_broker(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A broker that lets 64 MiB through: the client's own limit is the one under test (the
+    broker-config default, 1 MiB, would drop the message before any client saw it)."""
+    tools, why = find_tools()
+    require_real_part("mosquitto", tools is not None, why)
+    with running_mosquitto(tmp_path_factory.mktemp("mosquitto"), plain_listener=True, message_size_limit=64 * 1024 * 1024) as broker:
+        yield broker
+
+
+def test_an_oversized_message_is_skipped_without_being_held(mosquitto_broker) -> None:  # type: ignore[no-untyped-def]
     broker = mosquitto_broker
     edge, dev = Identity.generate(), Identity.generate()
     edge_creds = broker.add_edge(short_id(edge.node_id))
@@ -55,8 +66,17 @@ def test_an_oversized_message_is_skipped_without_being_held(mosquitto_broker) ->
         sub.client.reconnect()
         _wait(lambda: sub.connected.is_set(), 30)
         pub.publish(topic, b"last", qos=1).wait_for_publish(30)
-        _wait(lambda: not sub.inbox.empty(), 60)
-        assert sub.inbox.get_nowait().payload == b"last" and sub.oversized == 1
+        again: list[bytes] = []
+
+        def last_arrived() -> bool:
+            while not sub.inbox.empty():
+                again.append(sub.inbox.get_nowait().payload)
+            return b"last" in again
+
+        _wait(last_arrived, 60)
+        # QoS 1 may redeliver "after" if the reconnect beat its PUBACK (the edge's seq check drops
+        # such duplicates); the oversized message itself is never delivered again
+        assert set(again) <= {b"after", b"last"} and sub.oversized == 1, (again, sub.oversized)
     finally:
         for link in (sub, pub):
             link.stop()

@@ -436,6 +436,7 @@ def running_mosquitto(
     debug_log: bool = True,
     start_timeout: float = 10.0,
     attempts: int = 3,
+    message_size_limit: int = 1024 * 1024,
 ) -> Iterator[MosquittoBroker]:
     """Start a broker in ``workdir`` and stop it on exit; raises if the tools are missing.
 
@@ -447,6 +448,7 @@ def running_mosquitto(
         raise RuntimeError(why)
     workdir.mkdir(parents=True, exist_ok=True)
     broker = _make_broker(workdir, tools, plain_listener, debug_log)
+    broker.message_size_limit = message_size_limit
     for edge in edges:
         broker.add_edge(edge)
     for device in devices:
