@@ -132,9 +132,10 @@ def _findings(res: dict[str, Any], add: Any) -> None:
         mk = [r for r in runs if r["rule"] == "multi_krum" and r["reputation"] and r["fraction"] == top]
         free = next((r["test"] for r in runs if r["rule"] == "multi_krum" and r["reputation"] and r["attack"] == "none"), None)
         if fed and mk and free is not None:
+            drop = max(free - r['test'] for r in mk) * 100
             add(f"- **Attacks ({top:.0%} of customers):** Multi-Krum (coordinator default f = ⌊0.2n⌋) with reputation "
-                f"selection stays within {max(free - r['test'] for r in mk) * 100:.1f} points of its attack-free "
-                f"{_f(free)} under every attack — goal met. FedAvg falls to {_f(min(r['test'] for r in fed))} "
+                f"selection stays within {drop:.1f} points of its attack-free "
+                f"{_f(free)} under every attack — {'goal met' if drop <= 2.0 else 'goal (2 points) NOT met with this trainer'}. FedAvg falls to {_f(min(r['test'] for r in fed))} "
                 f"(worst attack). Reputation only ever catches attackers whose updates are far from the aggregate "
                 f"(×10 scaling, random noise: below the floor after about 3 rounds); sign flip, label flip and the "
                 f"colluding group are never flagged (their updates stay close enough to the aggregate; Multi-Krum's "
