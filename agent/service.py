@@ -92,6 +92,11 @@ class Agent:
         self.stats = AgentStats()
         self.short = short_id(identity.node_id)
 
+    def noise_source(self) -> np.random.Generator | None:
+        """Where the release's noise comes from: None (the exact sampler on the OS CSPRNG) on a
+        device; the seeded generator only in a simulation that asked for reproducible runs."""
+        return self.rng if self.simulated_noise else None
+
     @staticmethod
     def subscriptions(short: str) -> list[str]:
         return [f"{PREFIX}/tasks/+", f"{PREFIX}/tasks/+/round", ack_topic("+", short)]
@@ -220,7 +225,7 @@ class Agent:
             log.warning("round %d: every unreleased sample would exceed this device's budget per hour/day; nothing released", round_)
             return None
         chosen = samples.take(np.sort(np.asarray(pick)))
-        noisy = privatise_features(task.front(chosen.inputs), spec, self.rng)
+        noisy = privatise_features(task.front(chosen.inputs), spec, self.noise_source())
         labels = randomised_response(chosen.labels, spec.num_classes, spec.label_epsilon, self.rng)
         batch = FeatureBatch(spec.task_id, round_, chosen.ids, noisy, labels.astype(np.int8), spec.epsilon, spec.clip_l1)
         digest = batch_digest(batch)

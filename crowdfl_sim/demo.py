@@ -279,7 +279,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         rewards = coordinator.rewards(spec.task_id)
         result.rewards_db_wei = sum(int(c["reward_wei"]) for c in rewards["customers"])
         task_key = bytes.fromhex(spec.task_id)  # read back from the contract: what each round set aside for claims
-        result.rewards_wei = sum(s.total for s in (contracts.settlement(task_key, r.round) for r in result.rounds) if s is not None)
+        result.rewards_wei = sum(s.total_wei for s in (contracts.settlement(task_key, r.round) for r in result.rounds) if s is not None)
         reps = [c["reputation"] for c in rewards["customers"]] or [float("nan")]
         progress.line(
             f"rewards: {result.rewards_wei / 1e18:.4f} ETH of the {opts.reward_wei / 1e18:g} ETH pool settled on chain for "

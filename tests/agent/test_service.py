@@ -170,3 +170,28 @@ def test_the_agent_releases_only_what_the_hour_caps_allow_and_then_refuses(tmp_p
         assert agent.stats.budget_refusals >= 1  # the last rounds found nothing within the caps
     finally:
         close(agent)
+
+
+def test_a_device_draws_its_release_noise_from_the_os_csprng(tmp_path: Path, designed_task, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The exact discrete Laplace sampler on the OS CSPRNG (rng=None) on a device, never the agent's
+    seeded numpy generator; only a simulation that asks for reproducible runs gets that."""
+    import agent.service as service
+
+    seen: list[object] = []
+    real = service.privatise_features
+
+    def spy(features, spec, rng=None):  # type: ignore[no-untyped-def]
+        seen.append(rng)
+        return real(features, spec, rng)
+
+    monkeypatch.setattr(service, "privatise_features", spy)
+    parts = Parts(tmp_path, designed_task)
+    agent = parts.agent()
+    try:
+        agent.handle(parts.task_msg())
+        agent.handle(parts.round_msg(1))
+        assert seen == [None], seen
+        agent.simulated_noise = True
+        assert agent.noise_source() is agent.rng
+    finally:
+        close(agent)
