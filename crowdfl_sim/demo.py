@@ -78,6 +78,7 @@ class DemoResult:
     samples_released: int = 0
     messages_rejected: dict[str, int] = field(default_factory=dict)
     pretrain_accuracy: float = 0.0
+    initial_accuracy: float = 0.0  # held-out accuracy of the freshly initialised head the task publishes
     rewards_wei: int = 0  # settled on chain (the contract's per-round settlement totals), all rounds
     rewards_db_wei: int = 0  # the same rewards as the coordinator's database records them
     devices_verified: int = 0  # agents whose `crowdfl-agent verify` passed against the chain
@@ -158,6 +159,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
         features, labels = held_out_set(
             spec, designed.front_tflite, HeldOutDesign(opts.held_out_households, opts.seed + 10_000, opts.history_days, HISTORY_START)
         )
+
+        result.initial_accuracy = HeldOut(features, labels)(list(designed.initial.weights))
 
         coord_id = Identity.generate()
         store = LocalContentStore(workdir / "store")

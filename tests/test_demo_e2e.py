@@ -17,9 +17,11 @@ def test_small_demo_learns_anchors_and_verifies() -> None:
     result = run_demo(DemoOptions(agents=6, edges=2, rounds=3, samples_per_round=96, history_days=35, seed=3), out)
     text = out.getvalue()
     assert len(result.rounds) == 3
-    first, last = result.rounds[0], result.rounds[-1]
-    assert last.accuracy > first.accuracy, text
-    assert last.accuracy > 0.3, text  # four classes: uniform guessing scores 0.25
+    last = result.rounds[-1]
+    # the crowd takes the freshly initialised head well above where it started (and above chance,
+    # 0.25 for four classes); round-to-round gains at 6 agents are within one seed's noise
+    assert last.accuracy >= result.initial_accuracy + 0.1, (result.initial_accuracy, text)
+    assert min(r.accuracy for r in result.rounds) > 0.3, text
     for r in result.rounds:
         assert (r.selected, r.accepted, r.rejected) == (6, 6, 0)
         assert r.gas_used > 0 and r.block_number > 0
