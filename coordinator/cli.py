@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from crowdfl import household
 from crowdfl.errors import CrowdflError

@@ -24,7 +24,7 @@ from crowdfl.backmodel import accuracy
 from crowdfl.envelope import parse, seal, verify
 from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import Identity, PublicIdentity
-from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, RoundStart, TaskSpec, is_hex64, sha256_hex
+from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, RoundStart, TaskSpec, is_hex64
 from crowdfl.mqtt import round_topic, task_topic
 from crowdfl.receipts import check_receipt_plausible, check_update_against_receipt, open_receipt
 

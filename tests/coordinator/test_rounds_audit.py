@@ -14,7 +14,7 @@ from coordinator.db import make_sessions
 from coordinator.service import Coordinator
 from coordinator.store import LocalContentStore
 from crowdfl.backmodel import initial_back_weights
-from crowdfl.envelope import parse, seal
+from crowdfl.envelope import parse
 from crowdfl.identity import Identity
 from crowdfl.merkle import verify_proof
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, sha256_hex

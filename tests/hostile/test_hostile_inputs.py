@@ -9,7 +9,6 @@ Bounded in count and time, loopback only.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import time
