@@ -32,6 +32,7 @@ from crowdfl.mqtt import MqttLink, MqttSettings, ack_topic, feature_topic
 from tests.agent.conftest import HISTORY_START
 from tests.agent.process import read_ledger
 from tests.agent.world import World, edge_counts, household_reports, wait_for
+from tests.helpers import with_receipt
 from tests.support.mosquitto import MosquittoBroker
 
 pytestmark = [pytest.mark.realpart, pytest.mark.slow]
@@ -130,7 +131,7 @@ def test_acl_confines_a_device_to_its_own_topics(tls_world) -> None:  # type: ig
             k = len(ids)
             fb = FeatureBatch(spec.task_id, 1, np.array(ids, np.uint64), np.full((k, spec.feature_dim), 0.2, np.float32),
                               np.zeros(k, np.int8), spec.epsilon, spec.clip_l1)
-            return CODEC.encode(fb)
+            return CODEC.encode(with_receipt(fb, attacker, world.edge_id.node_id))  # signed, as an agent sends it
 
         # under the victim's topic: PUBACKed by mosquitto, then dropped
         spoof = link.publish(feature_topic(e_short, v_short), seal(batch([10_001]), attacker, 1, world.edge_id.public), qos=1)
