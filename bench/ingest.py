@@ -51,22 +51,25 @@ from crowdfl.identity import Identity, short_id  # noqa: E402
 from crowdfl.messages import CODEC, FeatureBatch, ModelWeights, RoundStart, sha256_hex  # noqa: E402
 from crowdfl.mqtt import Incoming, MqttLink, MqttSettings, feature_topic  # noqa: E402
 from bench.results_io import write_result  # noqa: E402
-from tests.helpers import make_spec  # noqa: E402
+from tests.helpers import make_spec, with_receipt  # noqa: E402
 from tests.support.mosquitto import MosquittoBroker, running_mosquitto  # noqa: E402
 
 
-def envelope(edge: Identity, device: Identity, seq: int, round_: int, samples: int, spec, rng: np.random.Generator) -> Incoming:  # type: ignore[no-untyped-def]
-    """Batch number ``seq`` of a device: fresh sample ids, features in [0, 1] as the agent sends them."""
+def envelope(edge: Identity, device: Identity, seq: int, round_: int, samples: int, spec, rng: np.random.Generator,  # type: ignore[no-untyped-def]
+             history: dict[tuple[str, str], list[tuple[bytes, int]]] | None = None) -> Incoming:
+    """Batch number ``seq`` of a device: fresh sample ids, features in [0, 1] as the agent sends them,
+    with the device's signed receipt over its batches so far (``history``)."""
     ids = np.arange(seq * samples, (seq + 1) * samples, dtype=np.uint64)
     feats = rng.random((samples, spec.feature_dim), dtype=np.float32)
     labels = rng.integers(0, spec.num_classes, samples).astype(np.int8)
-    b = FeatureBatch(spec.task_id, round_, ids, feats, labels, spec.epsilon, spec.clip_l1)
+    b = with_receipt(FeatureBatch(spec.task_id, round_, ids, feats, labels, spec.epsilon, spec.clip_l1), device, edge.node_id, history)
     return Incoming(feature_topic(short_id(edge.node_id), short_id(device.node_id)), seal(CODEC.encode(b), device, seq, edge.public), False)
 
 
 def make_envelopes(edge: Identity, devices: list[Identity], n: int, samples: int, spec) -> list[Incoming]:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(0)
-    return [envelope(edge, devices[i % len(devices)], i // len(devices) + 1, 1, samples, spec, rng) for i in range(n)]
+    history: dict[tuple[str, str], list[tuple[bytes, int]]] = {}
+    return [envelope(edge, devices[i % len(devices)], i // len(devices) + 1, 1, samples, spec, rng, history) for i in range(n)]
 
 
 def _client(broker: MosquittoBroker, user: str, client_id: str, clean: bool) -> mqtt.Client:
@@ -213,9 +216,10 @@ def training(rounds: int, customers: int, samples: int, workdir: Path) -> tuple[
     edge_times: list[list[float]] = []
     bare_times: list[list[float]] = []
     rng = np.random.default_rng(1)
+    history: dict[tuple[str, str], list[tuple[bytes, int]]] = {}  # each round's receipt covers the device's batches so far
     for r in range(1, rounds + 1):
         server.rounds[spec.task_id] = RoundStart(spec.task_id, r, spec.initial_model_hash, tuple(d.node_id for d in devices), spec.deadline)
-        out = server.ingestor.drain([envelope(edge, d, r, r, samples, spec, rng) for d in devices])
+        out = server.ingestor.drain([envelope(edge, d, r, r, samples, spec, rng, history) for d in devices])
         assert len(out.accepted) == customers, out.rejections
         e_row, b_row = [], []
         for d in devices:

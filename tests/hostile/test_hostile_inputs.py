@@ -157,9 +157,13 @@ def test_hostile_mqtt_input_against_the_real_edge(rig: dict[str, object], capsys
         good[i].send(m.payload)
         return m
 
+    # hostile batches get their receipts from a scratch history: the good batches' receipts must
+    # cover exactly what the edge stores (crowdfl/receipts.py), not batches it rightly refused
+    scratch = replace(world, history={})
+
     def feature(i: int, **kw: object) -> FeatureBatch:
         seq = 10_000 + sum(tally.hostile_sent.values())
-        m = world.batch(world.devices[i], seq, [900_000 + seq * 2, 900_000 + seq * 2 + 1], seed=seq)
+        m = scratch.batch(world.devices[i], seq, [900_000 + seq * 2, 900_000 + seq * 2 + 1], seed=seq)
         opened = open_envelope(m.payload, lookup_sender=lambda s: world.devices[i].public, recipient=world.edge)
         return replace(CODEC.decode(opened.body, FeatureBatch), **kw)  # type: ignore[arg-type]
 
@@ -167,7 +171,7 @@ def test_hostile_mqtt_input_against_the_real_edge(rig: dict[str, object], capsys
         return 10_000 + sum(tally.hostile_sent.values())
 
     def template() -> bytes:
-        return world.batch(world.devices[0], hostile_seq(), [800_000 + hostile_seq()], seed=7).payload
+        return scratch.batch(world.devices[0], hostile_seq(), [800_000 + hostile_seq()], seed=7).payload
 
     def flipped() -> bytes:
         raw = bytearray(template())
