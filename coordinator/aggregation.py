@@ -307,43 +307,22 @@ def _raise_first_non_finite(updates: Sequence[Weights]) -> None:
 
 def _stack(updates: Sequence[Weights]) -> tuple[np.ndarray, _Layout]:
     """Validate the updates and copy them into one n x P matrix of their common float dtype."""
-    if len(updates) == 0:
-        raise ValueError("no updates to aggregate")
-    first = [np.asarray(layer) for layer in updates[0]]
-    if not first:
-        raise ValueError("update 0 has no layers")
-    shapes = tuple(layer.shape for layer in first)
-    dtypes = tuple(layer.dtype for layer in first)
-    for j, dtype in enumerate(dtypes):
-        if not np.issubdtype(dtype, np.floating):
-            raise ValueError(f"update 0 layer {j}: dtype {dtype} is not a float dtype")
-    sizes = [math.prod(shape) for shape in shapes]
-    offsets = tuple(int(x) for x in np.cumsum([0, *sizes]))
-    total = offsets[-1]
-    if total == 0:
-        raise ValueError("the model has no parameters")
-    matrix = np.empty((len(updates), total), dtype=np.result_type(*dtypes))
+    layout = _check_layout(updates)
+    offsets = layout.offsets
+    matrix = np.empty((len(updates), offsets[-1]), dtype=np.result_type(*layout.dtypes))
     for i, update in enumerate(updates):
-        layers = first if i == 0 else [np.asarray(layer) for layer in update]
-        if len(layers) != len(shapes):
-            raise ValueError(f"update {i} has {len(layers)} layers; update 0 has {len(shapes)}")
-        for j, layer in enumerate(layers):
-            if layer.shape != shapes[j] or layer.dtype != dtypes[j]:
-                raise ValueError(
-                    f"update {i} layer {j} is {layer.dtype}{list(layer.shape)}; "
-                    f"update 0 has {dtypes[j]}{list(shapes[j])}"
-                )
-            matrix[i, offsets[j] : offsets[j + 1]] = layer.reshape(-1)
+        for j, layer in enumerate(update):
+            matrix[i, offsets[j] : offsets[j + 1]] = np.asarray(layer).reshape(-1)
     finite = np.isfinite(matrix).all(axis=1)
     if not finite.all():
         i = int(np.argmin(finite))
         j = next(
             j
-            for j in range(len(shapes))
+            for j in range(len(layout.shapes))
             if not np.isfinite(matrix[i, offsets[j] : offsets[j + 1]]).all()
         )
         raise ValueError(f"update {i} layer {j} contains NaN or Inf")
-    return matrix, _Layout(shapes, dtypes, offsets)
+    return matrix, layout
 
 
 def _check_samples(num_samples: Sequence[int], n: int) -> np.ndarray:
