@@ -53,11 +53,18 @@ def reference_model(
     global_weights: Sequence[np.ndarray], root: RootData, spec: TaskSpec, seed: int, samples: int | None = None
 ) -> list[np.ndarray]:
     """The head trained from ``global_weights`` on (the first ``samples`` of) the root data."""
-    check_back_weights(global_weights, spec)
     x_all = root.features if samples is None else root.features[:samples]
     y_all = root.labels if samples is None else root.labels[:samples]
     if len(y_all) == 0:
         raise ValueError("empty root dataset")
+    return adam_head(global_weights, np.asarray(x_all, np.float32), np.asarray(y_all, np.int64), spec, seed)
+
+
+def adam_head(global_weights: Sequence[np.ndarray], x_all: np.ndarray, y_all: np.ndarray, spec: TaskSpec, seed: int) -> list[np.ndarray]:
+    """Local epochs of minibatch Adam (Keras' defaults, batch 32, reshuffled each epoch) on
+    Dense-ReLU-Dense with sparse cross-entropy on logits, from ``global_weights``. Also the numpy
+    mirror of the edge's Adam fallback in bench/quality/fasttrain.py."""
+    check_back_weights(global_weights, spec)
     params = [np.array(w, dtype=np.float32) for w in global_weights]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
@@ -79,7 +86,8 @@ def reference_model(
             p /= p.sum(axis=1, keepdims=True)
             p[np.arange(len(y)), y] -= 1.0
             g_logits = p / len(y)
-            grads = (x.T @ ((g_logits @ w2.T) * (pre > 0)), ((g_logits @ w2.T) * (pre > 0)).sum(axis=0), h.T @ g_logits, g_logits.sum(axis=0))
+            g_h = (g_logits @ w2.T) * (pre > 0)
+            grads = (x.T @ g_h, g_h.sum(axis=0), h.T @ g_logits, g_logits.sum(axis=0))
             step += 1
             alpha = lr * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step)
             for i, g in enumerate(grads):
