@@ -22,7 +22,7 @@ from crowdfl.envelope import parse, verify
 from crowdfl.errors import CrowdflError
 from crowdfl.identity import PublicIdentity
 from crowdfl.merkle import merkle_root
-from crowdfl.receipts import ContributionReceipt, check_receipt_plausible, check_update_against_receipt, open_receipt
+from crowdfl.receipts import ContributionReceipt, update_receipt_checked
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, TaskSpec, sha256_hex
 
 from .aggregation import AggregationResult
@@ -234,12 +234,7 @@ def audit_model(contracts: CrowdContracts, store: ContentStore, model_hash: str)
             # the device's signed receipt vouches for the update's samples and inputs, and the chain
             # binds the device to the edge that signed the update
             try:
-                signed = open_receipt(upd.receipt)
-                check_update_against_receipt(
-                    signed, task_id=upd.task_id, round_=upd.round, customer=upd.customer, edge=sealed.sender_id,
-                    num_samples=upd.num_samples, inputs_digest=upd.inputs_digest,
-                )
-                check_receipt_plausible(signed.receipt, spec)
+                signed = update_receipt_checked(upd, sealed.sender_id, spec)
             except CrowdflError as exc:
                 finding.problems.append(f"update {h[:12]}: receipt: {exc}")
                 continue

@@ -26,7 +26,7 @@ from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import Identity, PublicIdentity
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, RoundStart, TaskSpec, is_hex64
 from crowdfl.mqtt import round_topic, task_topic
-from crowdfl.receipts import check_receipt_plausible, check_update_against_receipt, open_receipt
+from crowdfl.receipts import update_receipt_checked
 
 from .aggregation import AggregationResult, AggregationRule
 from .defence import TRUST_MEAN, DefenceConfig
@@ -382,12 +382,7 @@ class Coordinator:
             # the device's own signed receipt must vouch for the update's sample count and inputs,
             # and the chain must bind the device to the submitting edge
             try:
-                signed = open_receipt(update.receipt)
-                check_update_against_receipt(
-                    signed, task_id=update.task_id, round_=update.round, customer=update.customer, edge=sealed.sender_id,
-                    num_samples=update.num_samples, inputs_digest=update.inputs_digest,
-                )
-                check_receipt_plausible(signed.receipt, spec)
+                update_receipt_checked(update, sealed.sender_id, spec)
             except WireError as exc:
                 log.warning("update from %s for %s refused: %s", sealed.sender_id[:12], update.customer[:12], exc)
                 return IntakeResult(422, "rejected", str(exc), update_hash)

@@ -27,7 +27,7 @@ from typing import ClassVar
 from .errors import WireError
 from .identity import Identity, Verifier
 from .merkle import merkle_proof, merkle_root, verify_proof
-from .messages import FeatureBatch, TaskSpec
+from .messages import FeatureBatch, ModelUpdate, TaskSpec
 from .wire import Codec
 
 SIGNATURE_BYTES = 64
@@ -158,3 +158,15 @@ def check_update_against_receipt(
         raise WireError("receipt_samples", f"update claims {num_samples} samples, the device released {r.num_samples}")
     if r.batches_root != inputs_digest:
         raise WireError("receipt_inputs", "update's inputs digest is not the root of the device's batches")
+
+
+def update_receipt_checked(update: ModelUpdate, edge: str, spec: TaskSpec) -> SignedReceipt:
+    """The device-signed receipt an update carries, opened and checked against the update's claims
+    and the task's limits: what the coordinator's intake requires and the audit re-checks."""
+    signed = open_receipt(update.receipt)
+    check_update_against_receipt(
+        signed, task_id=update.task_id, round_=update.round, customer=update.customer, edge=edge,
+        num_samples=update.num_samples, inputs_digest=update.inputs_digest,
+    )
+    check_receipt_plausible(signed.receipt, spec)
+    return signed
