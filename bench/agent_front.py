@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  {r['keras_graph_us']:>12.2f}  {r['keras_graph_us'] / r['int8_litert_us']:>5.1f}x")
     if "agent_memory" in result:
         m, base = result["agent_memory"], result["tf_baseline_peak_mb"]
-        print(f"agent process (crowdfl-agent run) resident memory; baseline: a TF process running the float front")
+        print("agent process (crowdfl-agent run) resident memory; baseline: a TF process running the float front")
         print(f"  idle (task joined)         {m['idle_rss_mb']:7.1f} MB")
         print(f"  during a release ({m['samples_released']} samples) {m['release_rss_max_mb']:7.1f} MB max "
               f"(round open -> spooled {m['round_open_to_spooled_s']:.2f}s, acknowledged {m['round_open_to_acknowledged_s']:.2f}s)")

@@ -121,7 +121,7 @@ def _findings(res: dict[str, Any], add: Any) -> None:
     rows = {r["epsilon"]: r for r in hh.get("rows", [])}
     if rows:
         parts = [f"ε {_eps_label(k)}: {_f(r['test'])} (alone {_f(r['floor_mean'])})" for k, r in rows.items()]
-        add(f"- **Household task:** federated accuracy " + "; ".join(parts)
+        add("- **Household task:** federated accuracy " + "; ".join(parts)
             + f"; ceiling (central, raw, noiseless) {_f(hh.get('ceiling_central_raw'))}; chance 0.25. Each ε has its own "
             "front (pretrained at that ε), so the curve need not be monotone; one seed is an anecdote: the seed study "
             "below gives mean and spread.")
