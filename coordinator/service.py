@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 from web3 import Web3
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
@@ -24,7 +24,7 @@ from crowdfl.backmodel import accuracy
 from crowdfl.envelope import parse, seal, verify
 from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import Identity, PublicIdentity
-from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundManifest, RoundStart, TaskSpec, is_hex64
+from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundStart, TaskSpec, is_hex64
 from crowdfl.mqtt import round_topic, task_topic
 from crowdfl.receipts import update_receipt_checked
 
@@ -36,10 +36,10 @@ from .anchoring import Anchored, Anchorer
 from .chain import ChainError
 from .contracts import CrowdContracts, Role
 from .db import Participant, Reputation, Round, Task, Update
-from .ledger import LedgerPolicy, ledger_bytes, parse_ledger, round_ledger, round_pool, select_customers, selection_seed
-from .rounds import build_round, check_update, effective_rule, leaf_proof, rule_params
-from .settlement import settle, to_milli
+from .ledger import LedgerPolicy, ledger_bytes, round_ledger, round_pool, select_customers, selection_seed
+from .rounds import build_round, check_update, effective_rule, rule_params
 from .store import ContentStore
+from .views import CoordinatorViews
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,59 @@ class Coordinator:
         self.reference_samples = reference_samples
         self.anchorer = Anchorer(sessions, contracts, store)
         self._lock = threading.RLock()
-        self._specs: dict[str, TaskSpec] = {}
+        self.views = CoordinatorViews(sessions, store)
+
+    # -- read-only views (coordinator/views.py) -------------------------------------------------
+    def spec(self, task_id: str) -> TaskSpec:
+        return self.views.spec(task_id)
+
+    def current_round(self, task_id: str) -> Round | None:
+        return self.views.current_round(task_id)
+
+    def round_progress(self, task_id: str, round_: int) -> tuple[int, int]:
+        return self.views.round_progress(task_id, round_)
+
+    def running_tasks(self) -> list[str]:
+        return self.views.running_tasks()
+
+    def ledger(self, task_id: str, round_: int) -> dict[str, Any] | None:
+        return self.views.ledger(task_id, round_)
+
+    def reputations(self, task_id: str, after_round: int) -> dict[str, float]:
+        return self.views.reputations(task_id, after_round)
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return self.views.tasks()
+
+    def rounds(self, task_id: str) -> list[dict[str, Any]]:
+        return self.views.rounds(task_id)
+
+    def round_detail(self, task_id: str, round_: int) -> dict[str, Any] | None:
+        return self.views.round_detail(task_id, round_)
+
+    def reputation_history(self, task_id: str) -> dict[str, list[dict[str, Any]]]:
+        return self.views.reputation_history(task_id)
+
+    def customer(self, node_id: str) -> dict[str, Any] | None:
+        return self.views.customer(node_id)
+
+    def rewards(self, task_id: str) -> dict[str, Any]:
+        return self.views.rewards(task_id)
+
+    def participants(self) -> list[dict[str, Any]]:
+        return self.views.participants()
+
+    def latest_model(self, task_id: str) -> tuple[int, str] | None:
+        return self.views.latest_model(task_id)
+
+    def claim_proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
+        return self.views.claim_proof(task_id, round_, customer)
+
+    def leaf_proof(self, task_id: str, round_: int, leaf: str) -> dict[str, Any] | None:
+        return self.views.leaf_proof(task_id, round_, leaf)
+
+    def proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
+        return self.views.proof(task_id, round_, customer)
 
     # -- registry -------------------------------------------------------------------------------
     def register(self, entries: Sequence[tuple[PublicIdentity, str, str | None, str | None]]) -> None:
@@ -220,15 +272,6 @@ class Coordinator:
             return s.get(Participant, node_id)
 
     # -- tasks and rounds -----------------------------------------------------------------------
-    def spec(self, task_id: str) -> TaskSpec:
-        if task_id not in self._specs:
-            with self.sessions() as s:
-                row = s.get(Task, task_id)
-                if row is None:
-                    raise KeyError(task_id)
-                self._specs[task_id] = CODEC.decode(row.spec, TaskSpec)
-        return self._specs[task_id]
-
     def _sign(self, body: bytes) -> bytes:
         return seal(body, self.identity, time.time_ns())
 
@@ -283,19 +326,6 @@ class Coordinator:
         with self.sessions() as s:
             return sorted(s.scalars(select(Participant.node_id).where(Participant.role == "device", Participant.active)))
 
-    def ledger(self, task_id: str, round_: int) -> dict[str, Any] | None:
-        """A closed round's ledger, from the store (the same bytes the audit reads)."""
-        with self.sessions() as s:
-            row = s.get(Round, (task_id, round_))
-        if row is None or not row.ledger_hash:
-            return None
-        return parse_ledger(self.store.get(row.ledger_hash))
-
-    def reputations(self, task_id: str, after_round: int) -> dict[str, float]:
-        """Every known customer's reputation in a task after a round (empty before round 1)."""
-        ledger = self.ledger(task_id, after_round) if after_round >= 1 else None
-        return {c: float(v) for c, v in ledger["reputation_after"].items()} if ledger else {}
-
     def select(self, task_id: str, round_: int, eligible: Sequence[str] | None = None) -> list[str]:
         """Customers for a round: drawn by reputation among the active devices, newcomers get slots,
         known customers below the floor are left out (coordinator/ledger.py, coordinator/reputation.py)."""
@@ -324,10 +354,6 @@ class Coordinator:
             rs = RoundStart(task_id, round_, row.base_model_hash, tuple(json.loads(row.selected)), spec.deadline)
         self.publish(round_topic(task_id), self._sign(CODEC.encode(rs)), True)
         return rs
-
-    def current_round(self, task_id: str) -> Round | None:
-        with self.sessions() as s:
-            return s.scalars(select(Round).where(Round.task_id == task_id).order_by(Round.round.desc()).limit(1)).first()
 
     # -- update intake --------------------------------------------------------------------------
     def receive_update(self, envelope: bytes) -> IntakeResult:
@@ -419,13 +445,6 @@ class Coordinator:
             log.warning("update from %s for %s rejected: %s", sealed.sender_id[:12], update.customer[:12], reason)
             return IntakeResult(422, "rejected", reason, update_hash)
         return IntakeResult(200, "received", "", update_hash)
-
-    def round_progress(self, task_id: str, round_: int) -> tuple[int, int]:
-        """(updates received, customers selected)."""
-        with self.sessions() as s:
-            rnd = s.get(Round, (task_id, round_))
-            n = int(s.scalar(select(func.count()).select_from(Update).where(Update.task_id == task_id, Update.round == round_)) or 0)
-        return n, len(json.loads(rnd.selected)) if rnd else 0
 
     # -- closing --------------------------------------------------------------------------------
     def close_round(self, task_id: str, round_: int) -> RoundSummary:
@@ -574,10 +593,6 @@ class Coordinator:
             if row is not None:
                 row.status = "done"
 
-    def running_tasks(self) -> list[str]:
-        with self.sessions() as s:
-            return list(s.scalars(select(Task.task_id).where(Task.status == "running")))
-
     def republish(self) -> None:
         """After a restart: put every running task's spec and current round back on MQTT."""
         for task_id in self.running_tasks():
@@ -589,198 +604,6 @@ class Coordinator:
             rnd = self.current_round(task_id)
             if rnd is not None and rnd.status == "open":
                 self.open_round(task_id, rnd.round)
-
-    def rounds(self, task_id: str) -> list[dict[str, Any]]:
-        with self.sessions() as s:
-            rows = list(s.scalars(select(Round).where(Round.task_id == task_id).order_by(Round.round)))
-        return [
-            {
-                "round": r.round, "status": r.status, "accuracy": r.accuracy, "selected": len(json.loads(r.selected)),
-                "accepted": r.accepted, "rejected": r.rejected, "model_hash": r.model_hash,
-                "manifest_hash": r.manifest_hash, "merkle_root": r.merkle_root, "tx_hash": r.tx_hash,
-                "block_number": r.block_number, "gas_used": r.gas_used, "ledger_hash": r.ledger_hash,
-                "opened_at": r.opened_at, "closed_at": r.closed_at, "settled": r.settled,
-                "scores_tx": r.scores_tx, "scores_block": r.scores_block, "credit_tx": r.credit_tx,
-                "credit_block": r.credit_block, "settle_gas": r.settle_gas,
-                "round_gas": (r.gas_used or 0) + (r.settle_gas or 0), "anchor_attempts": r.anchor_attempts, "anchor_error": r.anchor_error,
-                "settle_note": r.settle_note,
-            }
-            for r in rows
-        ]
-
-    def round_detail(self, task_id: str, round_: int) -> dict[str, Any] | None:
-        """One round for the dashboard: who was selected, every update with its fate and reason."""
-        with self.sessions() as s:
-            rnd = s.get(Round, (task_id, round_))
-            if rnd is None:
-                return None
-            ups = list(s.scalars(select(Update).where(Update.task_id == task_id, Update.round == round_).order_by(Update.id)))
-            reps = {r.customer: r for r in s.scalars(select(Reputation).where(Reputation.task_id == task_id, Reputation.round == round_))}
-        summary = next(r for r in self.rounds(task_id) if r["round"] == round_)
-        return {
-            **summary,
-            "base_model_hash": rnd.base_model_hash,
-            "selected_customers": json.loads(rnd.selected),
-            "eligible": len(json.loads(rnd.eligible)),
-            "updates": [
-                {
-                    "update_hash": u.update_hash, "customer": u.customer, "edge": u.edge, "status": u.status,
-                    "reason": u.reason, "num_samples": u.num_samples, "received_at": u.received_at,
-                    "score": reps[u.customer].score if u.customer in reps else None,
-                    "reputation": reps[u.customer].reputation if u.customer in reps else None,
-                    "reward_wei": reps[u.customer].reward_wei if u.customer in reps else "0",
-                }
-                for u in ups
-            ],
-        }
-
-    def reputation_history(self, task_id: str) -> dict[str, list[dict[str, Any]]]:
-        """customer -> [{round, score, reputation, reward_wei, selected}], rounds ascending."""
-        with self.sessions() as s:
-            rows = list(s.scalars(select(Reputation).where(Reputation.task_id == task_id).order_by(Reputation.customer, Reputation.round)))
-        out: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            out.setdefault(r.customer, []).append(
-                {"round": r.round, "score": r.score, "reputation": r.reputation, "reward_wei": r.reward_wei, "selected": r.selected}
-            )
-        return out
-
-    def customer(self, node_id: str) -> dict[str, Any] | None:
-        """What a customer may see about itself: contributions, reputation, rewards, budget used."""
-        with self.sessions() as s:
-            p = s.get(Participant, node_id)
-            if p is None or p.role != "device":
-                return None
-            ups = list(s.scalars(select(Update).where(Update.customer == node_id).order_by(Update.received_at)))
-            reps = list(s.scalars(select(Reputation).where(Reputation.customer == node_id).order_by(Reputation.round)))
-        latest_task = ups[-1].task_id if ups else (reps[-1].task_id if reps else None)
-        by_round = {(r.task_id, r.round): r for r in reps}
-        budget: dict[str, int] = {}
-        for u in ups:
-            # an edge trains on all of a customer's samples so far, so the largest count is the
-            # number of distinct samples released (summing rounds would count each one again)
-            budget[u.task_id] = max(budget.get(u.task_id, 0), u.num_samples)
-        return {
-            "customer": node_id, "active": p.active, "edge": p.edge, "payout": p.payout,
-            "reputation": next((r.reputation for r in reversed(reps) if r.task_id == latest_task), None),
-            "reputation_history": [
-                {"task_id": r.task_id, "round": r.round, "reputation": r.reputation, "score": r.score}
-                for r in reps if r.task_id == latest_task
-            ],
-            "rewards_wei": str(sum(int(r.reward_wei) for r in reps)),
-            "contributions": [
-                {
-                    "task_id": u.task_id, "round": u.round, "customer": node_id, "update_hash": u.update_hash,
-                    "num_samples": u.num_samples, "status": u.status, "reason": u.reason,
-                    "reward_wei": by_round[(u.task_id, u.round)].reward_wei if (u.task_id, u.round) in by_round else "0",
-                }
-                for u in ups
-            ],
-            "budget": [{"task_id": t, "samples": n, "epsilon": self.spec(t).epsilon} for t, n in budget.items()],
-        }
-
-    def rewards(self, task_id: str) -> dict[str, Any]:
-        """Per round and per customer, in wei as decimal strings (they exceed JSON's safe integers)."""
-        with self.sessions() as s:
-            task = s.get(Task, task_id)
-            if task is None:
-                raise KeyError(task_id)
-            rows = list(s.scalars(select(Reputation).where(Reputation.task_id == task_id).order_by(Reputation.round)))
-            rounds = {r.round: r for r in s.scalars(select(Round).where(Round.task_id == task_id))}
-        per_round: dict[int, int] = {}
-        customers: dict[str, dict[str, Any]] = {}
-        for r in rows:
-            wei = int(r.reward_wei)
-            per_round[r.round] = per_round.get(r.round, 0) + wei
-            c = customers.setdefault(r.customer, {"total_wei": 0, "rounds": {}})
-            c["total_wei"] += wei
-            if wei:
-                c["rounds"][str(r.round)] = str(wei)
-        latest = {r.customer: r.reputation for r in rows}  # rows are in round order
-        return {
-            "task_id": task_id,
-            "pool_wei": task.reward_wei,
-            "rounds": [
-                {"round": k, "paid_wei": str(v), "credit_tx": rounds[k].credit_tx, "credit_block": rounds[k].credit_block}
-                for k, v in sorted(per_round.items())
-            ],
-            "customers": [
-                {"customer": k, "reputation": latest[k], "reward_wei": str(v["total_wei"]), "rounds": v["rounds"]}
-                for k, v in sorted(customers.items())
-            ],
-        }
-
-    def participants(self) -> list[dict[str, Any]]:
-        with self.sessions() as s:
-            rows = list(s.scalars(select(Participant).order_by(Participant.role, Participant.node_id)))
-        return [
-            {
-                "node_id": p.node_id, "role": p.role, "enc_key": p.enc_key, "edge": p.edge, "payout": p.payout,
-                "active": p.active, "on_chain": p.on_chain, "registered_at": p.registered_at, "removed_at": p.removed_at,
-            }
-            for p in rows
-        ]
-
-    def latest_model(self, task_id: str) -> tuple[int, str] | None:
-        """(round, hash) of the task's newest global model: the last closed round's, else the initial one."""
-        with self.sessions() as s:
-            row = s.scalars(
-                select(Round).where(Round.task_id == task_id, Round.model_hash.is_not(None)).order_by(Round.round.desc()).limit(1)
-            ).first()
-        if row is not None and row.model_hash:
-            return row.round, row.model_hash
-        try:
-            return 0, self.spec(task_id).initial_model_hash
-        except KeyError:
-            return None
-
-    def tasks(self) -> list[dict[str, Any]]:
-        with self.sessions() as s:
-            rows = list(s.scalars(select(Task).order_by(Task.created_at)))
-        out = []
-        for t in rows:
-            spec = self.spec(t.task_id)
-            cur = self.current_round(t.task_id)
-            out.append({
-                "task_id": t.task_id, "spec_hash": t.spec_hash, "status": t.status, "on_chain": t.on_chain,
-                "title": spec.title, "rounds": spec.rounds, "epsilon": spec.epsilon, "aggregation": spec.aggregation,
-                "deadline": spec.deadline, "reward_wei": t.reward_wei, "created_at": t.created_at,
-                "current_round": cur.round if cur else 0, "current_status": cur.status if cur else None,
-                "front_model_hash": spec.front_model_hash, "initial_model_hash": spec.initial_model_hash,
-            })
-        return out
-
-    def claim_proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
-        """A customer's settlement leaf and proof for ``claim`` (anyone can check it against the chain)."""
-        ledger = self.ledger(task_id, round_)
-        if ledger is None:
-            return None
-        try:
-            _, proof = settle(ledger).proof(customer)
-        except KeyError:
-            return None
-        with self.sessions() as s:
-            row = s.get(Reputation, (task_id, round_, customer))
-        if row is None:
-            return None
-        # the figures are the ones the dashboard shows (the database); the chain's settlement root
-        # decides whether they are true (crowdfl-agent verify checks them against it)
-        return {
-            "task_id": task_id, "round": round_, "customer": customer, "reputation_milli": to_milli(row.reputation),
-            "amount_wei": str(row.reward_wei), "proof": [p.hex() for p in proof],
-        }
-
-    def leaf_proof(self, task_id: str, round_: int, leaf: str) -> dict[str, Any] | None:
-        """Merkle siblings of an update or receipt hash in a closed round's anchored tree."""
-        with self.sessions() as s:
-            rnd = s.get(Round, (task_id, round_))
-        if rnd is None or not rnd.manifest_hash:
-            return None
-        manifest = CODEC.decode(self.store.get(rnd.manifest_hash), RoundManifest)
-        try:
-            return {"leaf": leaf, "proof": leaf_proof(manifest, leaf), "merkle_root": rnd.merkle_root}
-        except ValueError:
-            return None
 
     def submit_claim(self, task_id: str, round_: int, customer: str) -> dict[str, Any]:
         """Send a customer's claim on its behalf (the contract pays the customer's registered payout)."""
@@ -795,10 +618,3 @@ class Coordinator:
         )
         return {"status": "claimed", "tx_hash": "0x" + receipt.tx_hash.hex(), "amount_wei": leaf["amount_wei"]}
 
-    def proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
-        with self.sessions() as s:
-            u = s.scalars(select(Update).where(Update.task_id == task_id, Update.round == round_, Update.customer == customer)).first()
-            rnd = s.get(Round, (task_id, round_))
-        if u is None or rnd is None or u.proof is None:
-            return None
-        return {"update_hash": u.update_hash, "status": u.status, "reason": u.reason, "proof": json.loads(u.proof), "merkle_root": rnd.merkle_root}
