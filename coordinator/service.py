@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import select
-from web3 import Web3
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -34,10 +33,11 @@ from .reference import RootData, reference_model
 from .reputation import standing
 from .anchoring import Anchored, Anchorer
 from .chain import ChainError
-from .contracts import CrowdContracts, Role
+from .contracts import CrowdContracts
 from .db import Participant, Reputation, Round, Task, Update
 from .ledger import LedgerPolicy, ledger_bytes, round_ledger, round_pool, select_customers, selection_seed
 from .rounds import build_round, check_update, effective_rule, rule_params
+from .registry import Registry
 from .store import ContentStore
 from .views import CoordinatorViews
 
@@ -113,6 +113,20 @@ class Coordinator:
         self.anchorer = Anchorer(sessions, contracts, store)
         self._lock = threading.RLock()
         self.views = CoordinatorViews(sessions, store)
+        self.registry = Registry(sessions, contracts, self._lock)
+
+    # -- registry (coordinator/registry.py) -----------------------------------------------------
+    def register(self, entries: Sequence[tuple[PublicIdentity, str, str | None, str | None]]) -> None:
+        self.registry.register(entries)
+
+    def remove(self, node_id: str) -> bool:
+        return self.registry.remove(node_id)
+
+    def sync_registry(self) -> int:
+        return self.registry.sync_registry()
+
+    def eligible(self) -> list[str]:
+        return self.registry.eligible()
 
     # -- read-only views (coordinator/views.py) -------------------------------------------------
     def spec(self, task_id: str) -> TaskSpec:
@@ -166,111 +180,6 @@ class Coordinator:
     def proof(self, task_id: str, round_: int, customer: str) -> dict[str, Any] | None:
         return self.views.proof(task_id, round_, customer)
 
-    # -- registry -------------------------------------------------------------------------------
-    def register(self, entries: Sequence[tuple[PublicIdentity, str, str | None, str | None]]) -> None:
-        """(identity, role "device"|"edge", a device's edge node id, payout address) -> DB and chain.
-
-        The database is the source of truth at once; the chain follows (queued when it is down)."""
-        for pub, role, edge, payout in entries:
-            if role not in ("device", "edge"):
-                raise ValueError(f"role must be device or edge, got {role!r}")
-            if payout is not None and not Web3.is_address(payout):
-                raise ValueError(f"payout must be an Ethereum address, got {payout!r}")
-            if edge is not None and not is_hex64(edge):
-                raise ValueError("edge must be an edge server's node id (64 lowercase hex characters)")
-        with self.sessions.begin() as s:
-            for pub, role, edge, payout in entries:
-                row = s.get(Participant, pub.node_id)
-                if row is None:
-                    s.add(Participant(
-                        node_id=pub.node_id, role=role, enc_key=pub.enc_key.hex(), edge=edge, payout=payout,
-                        active=True, on_chain=False, registered_at=time.time(),
-                    ))
-                elif row.role != role:
-                    raise ValueError(f"{pub.node_id[:16]} is already registered as {row.role}")
-                elif row.active and (row.enc_key != pub.enc_key.hex() or (payout is not None and payout != row.payout)):
-                    # never a silent no-op: a new key or payout of an active participant is a
-                    # rotation, done explicitly (remove, then register again with the new values)
-                    what = "encryption key" if row.enc_key != pub.enc_key.hex() else "payout address"
-                    raise ValueError(
-                        f"{pub.node_id[:16]} is registered with another {what}; to rotate it, remove the participant, then register it again"
-                    )
-                else:
-                    if not row.active or row.edge != edge:
-                        row.on_chain = False  # the chain still has it removed, or bound to another edge
-                    if not row.active:
-                        row.enc_key = pub.enc_key.hex()  # re-registration after removal: the rotation
-                        if payout is not None:
-                            row.payout = payout
-                    row.active, row.edge, row.removed_at = True, edge, None
-        self.sync_registry()
-
-    def remove(self, node_id: str) -> bool:
-        """Deactivate a participant: its later updates are refused at once; the chain follows."""
-        with self._lock, self.sessions.begin() as s:
-            row = s.get(Participant, node_id)
-            if row is None or not row.active:
-                return False
-            row.active, row.on_chain, row.removed_at = False, False, time.time()
-        self.sync_registry()
-        return True
-
-    def sync_registry(self) -> int:
-        """Bring the chain's registry in line with the database (retried after a chain outage).
-
-        A registration or removal may have reached the chain before a crash kept the database from
-        recording it, so a refused batch is checked against the chain before it is sent again."""
-        with self.sessions() as s:
-            todo = list(s.scalars(select(Participant).where(Participant.on_chain.is_(False))))
-        if not todo:
-            return 0
-        role = {p.node_id: Role.EDGE if p.role == "edge" else Role.DEVICE for p in todo}
-        adds = [p for p in todo if p.active]
-        drops = [p for p in todo if not p.active]
-        done: list[tuple[str, bool]] = []
-        try:
-            for i in range(0, len(adds), 50):
-                batch = adds[i : i + 50]
-                entries = [(bytes.fromhex(p.node_id), role[p.node_id], p.payout) for p in batch]
-                try:
-                    self.contracts.register_many(entries)
-                except ChainError as exc:
-                    if not exc.reverted:
-                        raise
-                    missing = [e for e in entries if not self.contracts.is_active(e[0], e[1])]
-                    if missing:
-                        self.contracts.register_many(missing)
-                done += [(p.node_id, True) for p in batch]
-            # device -> edge bindings, once both ends are on chain (the coordinator refuses an
-            # update whose device is not bound to the submitting edge on chain)
-            edges_on_chain = {p.node_id for p in adds if p.role == "edge"}
-            with self.sessions() as s:
-                edges_on_chain |= set(s.scalars(select(Participant.node_id).where(Participant.role == "edge", Participant.active, Participant.on_chain)))
-            pairs = [(bytes.fromhex(p.node_id), bytes.fromhex(p.edge)) for p in adds if p.role == "device" and p.edge in edges_on_chain]
-            for i in range(0, len(pairs), 50):
-                self.contracts.bind_edges(pairs[i : i + 50])
-            for p in drops:
-                key = bytes.fromhex(p.node_id)
-                if self.contracts.is_active(key, role[p.node_id]):
-                    self.contracts.remove(key)
-                done.append((p.node_id, False))
-        except ChainError as exc:
-            log.warning("registry sync deferred: %s", exc)
-        with self.sessions.begin() as s:
-            for node_id, active in done:
-                row = s.get(Participant, node_id)
-                if row is not None and row.active == active:  # not flipped again meanwhile
-                    row.on_chain = True
-        return len(done)
-
-    def _edge_on_chain(self, node_id: str) -> bool:
-        row = self._participant(node_id)
-        return row is not None and row.on_chain
-
-    def _participant(self, node_id: str) -> Participant | None:
-        with self.sessions() as s:
-            return s.get(Participant, node_id)
-
     # -- tasks and rounds -----------------------------------------------------------------------
     def _sign(self, body: bytes) -> bytes:
         return seal(body, self.identity, time.time_ns())
@@ -322,10 +231,6 @@ class Coordinator:
             done += 1
         return done
 
-    def eligible(self) -> list[str]:
-        with self.sessions() as s:
-            return sorted(s.scalars(select(Participant.node_id).where(Participant.role == "device", Participant.active)))
-
     def select(self, task_id: str, round_: int, eligible: Sequence[str] | None = None) -> list[str]:
         """Customers for a round: drawn by reputation among the active devices, newcomers get slots,
         known customers below the floor are left out (coordinator/ledger.py, coordinator/reputation.py)."""
@@ -359,7 +264,7 @@ class Coordinator:
     def receive_update(self, envelope: bytes) -> IntakeResult:
         try:
             sealed = parse(envelope)
-            edge = self._participant(sealed.sender_id)
+            edge = self.registry.participant(sealed.sender_id)
             if edge is None or edge.role != "edge" or not edge.active:
                 return IntakeResult(403, "rejected", "unknown_sender: not a registered edge server")
             verify(sealed, PublicIdentity.from_hex(edge.node_id, edge.enc_key))
@@ -384,7 +289,7 @@ class Coordinator:
             # who may fill this customer's slot is decided before the slot is looked at: only the
             # customer's own edge, for a selected, active device. Anything else is refused without
             # storing it, so no edge can take another edge's customer's place or close a round early.
-            customer = self._participant(update.customer)
+            customer = self.registry.participant(update.customer)
             refusal: tuple[int, str] | None = None
             if customer is not None and customer.role == "device" and not customer.active:
                 refusal = (422, "removed_customer: the manufacturer removed this device")
@@ -419,7 +324,7 @@ class Coordinator:
                 # audit checks the chain's binding of every anchored update
                 log.warning("chain unreachable, device binding of %s checked against the database only: %s", update.customer[:12], exc)
                 bound = None
-            if bound is not None and bound != sealed.sender_id and not (customer.on_chain and self._edge_on_chain(sealed.sender_id)):
+            if bound is not None and bound != sealed.sender_id and not (customer.on_chain and self.registry.edge_on_chain(sealed.sender_id)):
                 return IntakeResult(503, "rejected", "registry_sync_pending: the device's registration is not on chain yet")
             if bound is not None and bound != sealed.sender_id:
                 log.warning("update from %s for %s refused: device not bound to this edge on chain", sealed.sender_id[:12], update.customer[:12])
