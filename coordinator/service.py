@@ -20,14 +20,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from crowdfl.backmodel import accuracy
-from crowdfl.envelope import parse, seal, verify
+from crowdfl.envelope import parse, verify
 from crowdfl.errors import CrowdflError, WireError
 from crowdfl.identity import Identity, PublicIdentity
 from crowdfl.messages import CODEC, ModelUpdate, ModelWeights, RoundStart, TaskSpec, is_hex64
 from crowdfl.mqtt import round_topic, task_topic
 from crowdfl.receipts import update_receipt_checked
 
-from .aggregation import AggregationResult, AggregationRule
+from .aggregation import AggregationResult
 from .defence import TRUST_MEAN, DefenceConfig
 from .reference import RootData, reference_model
 from .reputation import standing
@@ -37,14 +37,12 @@ from .contracts import CrowdContracts
 from .db import Participant, Reputation, Round, Task, Update
 from .ledger import LedgerPolicy, ledger_bytes, round_ledger, round_pool, select_customers, selection_seed
 from .rounds import build_round, check_update, effective_rule, rule_params
+from .publishing import Publisher, TaskPublisher
 from .registry import Registry
 from .store import ContentStore
 from .views import CoordinatorViews
 
 log = logging.getLogger(__name__)
-
-Publisher = Callable[[str, bytes, bool], None]  # (topic, payload, retain)
-
 
 @dataclass(frozen=True)
 class IntakeResult:
@@ -114,6 +112,7 @@ class Coordinator:
         self._lock = threading.RLock()
         self.views = CoordinatorViews(sessions, store)
         self.registry = Registry(sessions, contracts, self._lock)
+        self.task_publisher = TaskPublisher(identity, sessions, store, contracts, publish, self.views.spec)
 
     # -- registry (coordinator/registry.py) -----------------------------------------------------
     def register(self, entries: Sequence[tuple[PublicIdentity, str, str | None, str | None]]) -> None:
@@ -127,6 +126,16 @@ class Coordinator:
 
     def eligible(self) -> list[str]:
         return self.registry.eligible()
+
+    # -- task publishing (coordinator/publishing.py) --------------------------------------------
+    def publish_task(self, spec: TaskSpec, front_tflite: bytes, initial: ModelWeights, reward_wei: int = 0) -> str:
+        return self.task_publisher.publish_task(spec, front_tflite, initial, reward_wei)
+
+    def sync_tasks(self) -> int:
+        return self.task_publisher.sync_tasks()
+
+    def _sign(self, body: bytes) -> bytes:
+        return self.task_publisher.sign(body)
 
     # -- read-only views (coordinator/views.py) -------------------------------------------------
     def spec(self, task_id: str) -> TaskSpec:
@@ -181,56 +190,6 @@ class Coordinator:
         return self.views.proof(task_id, round_, customer)
 
     # -- tasks and rounds -----------------------------------------------------------------------
-    def _sign(self, body: bytes) -> bytes:
-        return seal(body, self.identity, time.time_ns())
-
-    def publish_task(self, spec: TaskSpec, front_tflite: bytes, initial: ModelWeights, reward_wei: int = 0) -> str:
-        """Store the task's artifacts, record it, create it on chain (queued if the chain is down)
-        and publish it, retained, on MQTT. ``reward_wei`` is paid into the task's pool on chain."""
-        if isinstance(reward_wei, bool) or not isinstance(reward_wei, int) or not 0 <= reward_wei < 2**256:
-            raise ValueError(f"reward_wei must be an integer in [0, 2**256), got {reward_wei!r}")
-        if spec.rounds < 1:
-            raise ValueError("a task needs at least one round")
-        if spec.deadline <= time.time():
-            raise ValueError("the task's deadline has passed")
-        AggregationRule(spec.aggregation)  # ValueError naming the rules when unknown
-        spec_bytes = CODEC.encode(spec)
-        spec_hash = self.store.put(spec_bytes)
-        if self.store.put(front_tflite) != spec.front_model_hash:
-            raise ValueError("front model bytes do not match the spec's hash")
-        if self.store.put(CODEC.encode(initial)) != spec.initial_model_hash:
-            raise ValueError("initial model does not match the spec's hash")
-        with self.sessions.begin() as s:
-            row = s.get(Task, spec.task_id)
-            if row is None:
-                s.add(Task(task_id=spec.task_id, spec_hash=spec_hash, spec=spec_bytes, created_at=time.time(), reward_wei=str(reward_wei)))
-            elif row.spec_hash != spec_hash:
-                raise ValueError(f"task {spec.task_id[:16]} already exists with another spec")
-        self.sync_tasks()
-        self.publish(task_topic(spec.task_id), self._sign(spec_bytes), True)
-        return spec_hash
-
-    def sync_tasks(self) -> int:
-        """Create on chain the tasks that are not there yet (a crash or an outage deferred them)."""
-        with self.sessions() as s:
-            todo = list(s.scalars(select(Task).where(Task.on_chain.is_(False))))
-        done = 0
-        for t in todo:
-            tid = bytes.fromhex(t.task_id)
-            spec = self.spec(t.task_id)
-            try:
-                if not self.contracts.task_exists(tid):
-                    self.contracts.create_task(tid, bytes.fromhex(t.spec_hash), spec.rounds, spec.epsilon, spec.deadline, int(t.reward_wei))
-            except ChainError as exc:
-                log.warning("creating task %s on chain deferred: %s", t.task_id[:12], exc)
-                return done
-            with self.sessions.begin() as s:
-                row = s.get(Task, t.task_id)
-                assert row is not None
-                row.on_chain = True
-            done += 1
-        return done
-
     def select(self, task_id: str, round_: int, eligible: Sequence[str] | None = None) -> list[str]:
         """Customers for a round: drawn by reputation among the active devices, newcomers get slots,
         known customers below the floor are left out (coordinator/ledger.py, coordinator/reputation.py)."""
