@@ -92,13 +92,13 @@ def test_a_wrong_aggregate_under_a_re_signed_manifest(contracts: CrowdContracts,
 
 
 def test_a_ledger_that_pays_an_unselected_customer(contracts: CrowdContracts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import coordinator.service as service
+    import coordinator.round_engine as round_engine
 
     w = make_world(contracts, f"sqlite:///{tmp_path / 'c.sqlite'}", tmp_path)
     spec, initial = task_parts(rounds=1)
     w.coord.publish_task(spec, FRONT, initial, reward_wei=1000)
     friend = Identity.generate().node_id
-    real = service.round_ledger
+    real = round_engine.round_ledger
 
     def generous(*args: Any, **kw: Any) -> dict[str, Any]:
         ledger = real(*args, **kw)
@@ -106,7 +106,7 @@ def test_a_ledger_that_pays_an_unselected_customer(contracts: CrowdContracts, tm
         ledger["rewards"] = dict(sorted({**ledger["rewards"], victim: "0", friend: ledger["rewards"][victim]}.items()))
         return ledger
 
-    monkeypatch.setattr(service, "round_ledger", generous)
+    monkeypatch.setattr(round_engine, "round_ledger", generous)
     model = _round(w, spec, 1)
     problems = _failed_with(audit_model(contracts, w.store, model), "pays customer")
     assert any(friend[:12] in p for p in problems)
@@ -133,8 +133,8 @@ def test_a_selection_that_skips_a_high_reputation_customer(contracts: CrowdContr
     _round(w, spec, 1)
     reps = w.coord.reputations(spec.task_id, 1)
     best = max(reps, key=lambda c: reps[c])
-    real = w.coord.select
-    monkeypatch.setattr(w.coord, "select", lambda *a, **k: [c for c in real(*a, **k) if c != best])
+    real = w.coord.engine.select  # the engine draws the selection when it opens a round
+    monkeypatch.setattr(w.coord.engine, "select", lambda *a, **k: [c for c in real(*a, **k) if c != best])
     model = _round(w, spec, 2)
     _failed_with(audit_model(contracts, w.store, model), "not the ones the reputation draw selects")
 
@@ -159,9 +159,9 @@ def test_an_eligible_list_that_leaves_out_a_registered_customer(contracts: Crowd
     w = make_world(contracts, f"sqlite:///{tmp_path / 'c.sqlite'}", tmp_path)
     spec, initial = task_parts(rounds=1)
     w.coord.publish_task(spec, FRONT, initial, reward_wei=1000)
-    real = w.coord.eligible
+    real = w.coord.registry.eligible  # the round engine asks the registry
     dropped = w.devices[0].node_id
-    monkeypatch.setattr(w.coord, "eligible", lambda: [c for c in real() if c != dropped])
+    monkeypatch.setattr(w.coord.registry, "eligible", lambda: [c for c in real() if c != dropped])
     model = _round(w, spec, 1)
     problems = _failed_with(audit_model(contracts, w.store, model), "leaves out")
     assert any(dropped[:12] in p for p in problems)
