@@ -26,6 +26,7 @@ from crowdfl.identity import Identity, PublicIdentity
 from crowdfl.messages import ModelWeights, RoundStart, TaskSpec
 
 from .anchoring import Anchored, Anchorer
+from .claims import ClaimSender
 from .contracts import CrowdContracts
 from .db import Round
 from .defence import DefenceConfig
@@ -81,6 +82,7 @@ class Coordinator:
             sessions, store, publish, self.views, self.registry, self.task_publisher, self.anchorer, self._lock,
             evaluate, byzantine_fraction, trim_beta, policy or LedgerPolicy(), defence, reference_samples,
         )
+        self.claims = ClaimSender(contracts, self.views.claim_proof)
         # the engine's per-task inputs, filled by the CLI and the demo (the same dicts, not copies)
         self.evaluators = self.engine.evaluators
         self.roots = self.engine.roots
@@ -188,16 +190,6 @@ class Coordinator:
     def republish(self) -> None:
         self.engine.republish()
 
+    # -- claims (coordinator/claims.py) ---------------------------------------------------------
     def submit_claim(self, task_id: str, round_: int, customer: str) -> dict[str, Any]:
-        """Send a customer's claim on its behalf (the contract pays the customer's registered payout)."""
-        tid, key = bytes.fromhex(task_id), bytes.fromhex(customer)
-        if self.contracts.is_claimed(tid, round_, key):
-            return {"status": "already_claimed"}
-        leaf = self.claim_proof(task_id, round_, customer)
-        if leaf is None:
-            raise KeyError(customer)
-        receipt = self.contracts.claim(
-            tid, round_, key, leaf["reputation_milli"], int(leaf["amount_wei"]), [bytes.fromhex(p) for p in leaf["proof"]]
-        )
-        return {"status": "claimed", "tx_hash": "0x" + receipt.tx_hash.hex(), "amount_wei": leaf["amount_wei"]}
-
+        return self.claims.submit_claim(task_id, round_, customer)
