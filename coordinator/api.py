@@ -12,11 +12,9 @@ from __future__ import annotations
 import hmac
 import logging
 from collections import Counter
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 from web3 import Web3
 from werkzeug.exceptions import HTTPException
 
@@ -134,72 +132,77 @@ def create_app(coord: Coordinator, admin_token: str = "", public_rpc_url: str = 
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPDATE_BYTES
     app.register_blueprint(dashboard_blueprint())
     app.add_url_rule("/", "root", root_redirect)
+    app.register_error_handler(BadRequest, _bad_request)
+    app.register_error_handler(HTTPException, _http_error)
+    audits = AuditQueue(lambda model_hash: _run_audit(coord, model_hash))
+    app.extensions["crowdfl_audits"] = audits
+    app.register_blueprint(public_blueprint(coord, audits, public_rpc_url))
+    app.register_blueprint(admin_blueprint(coord, admin_token))
+    return app
 
-    def error(code: str, detail: str, status: int) -> tuple[Response, int]:
-        return jsonify({"error": code, "detail": detail}), status
 
-    @app.errorhandler(BadRequest)
-    def bad_request(exc: BadRequest) -> Any:
-        log.warning("%s %s refused: %s", request.method, request.path, exc.detail)
-        return error(exc.code, exc.detail, exc.status)
+def _error(code: str, detail: str, status: int) -> tuple[Response, int]:
+    return jsonify({"error": code, "detail": detail}), status
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> Any:
-        return error(exc.name.lower().replace(" ", "_"), exc.description or "", exc.code or 500)
 
-    def admin(view: Callable[..., Any]) -> Callable[..., Any]:
-        @wraps(view)
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            header = request.headers.get("Authorization", "")
-            scheme, _, given = header.partition(" ")
-            ok = bool(admin_token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), admin_token.encode())
-            if not ok:
-                log.warning("admin request %s %s refused: %s", request.method, request.path, "no token configured" if not admin_token else "bad or missing bearer token")
-                resp, status = error("unauthorized", "a valid bearer token is required for this action", 401)
-                resp.headers["WWW-Authenticate"] = 'Bearer realm="crowdfl-coordinator"'
-                return resp, status
-            return view(*args, **kwargs)
+def _bad_request(exc: BadRequest) -> Any:
+    log.warning("%s %s refused: %s", request.method, request.path, exc.detail)
+    return _error(exc.code, exc.detail, exc.status)
 
-        return wrapped
 
-    def task_or_404(task_id: str) -> str:
-        _hex32(task_id, "task id")
-        try:
-            coord.spec(task_id)
-        except KeyError:
-            raise BadRequest(f"no task {task_id[:16]}…", 404, "not_found") from None
-        return task_id
+def _http_error(exc: HTTPException) -> Any:
+    return _error(exc.name.lower().replace(" ", "_"), exc.description or "", exc.code or 500)
 
-    # -- public ---------------------------------------------------------------------------------
-    @app.get("/api/v1/health")
+
+def _task_or_404(coord: Coordinator, task_id: str) -> str:
+    _hex32(task_id, "task id")
+    try:
+        coord.spec(task_id)
+    except KeyError:
+        raise BadRequest(f"no task {task_id[:16]}…", 404, "not_found") from None
+    return task_id
+
+
+def _run_audit(coord: Coordinator, model_hash: str) -> dict[str, Any]:
+    report = audit_model(coord.contracts, coord.store, model_hash)
+    return {"task_id": report.task_id, "round": report.round, "ok": report.ok, "lines": report.lines(),
+            "problems": report.problems + [p for r in report.rounds for p in r.problems]}
+
+
+def public_blueprint(coord: Coordinator, audits: AuditQueue, public_rpc_url: str = "") -> Blueprint:
+    """Open to anyone: the read-only JSON and artifacts, the metrics, update intake (the envelope is
+    signed by a registered edge, so no token), audits and claims."""
+    bp = Blueprint("public", __name__)
+
+    @bp.get("/api/v1/health")
     def health() -> Any:
         return jsonify({"status": "ok"})
 
-    @app.get("/api/v1/openapi.json")
+    @bp.get("/api/v1/openapi.json")
     def openapi() -> Any:
         return jsonify(openapi_document())
 
-    @app.get("/api/v1/artifacts/<address>")
+    @bp.get("/api/v1/artifacts/<address>")
     def artifact(address: str) -> Any:
         try:
             data = coord.store.get(address)
         except StoreError as exc:
             if exc.code == "corrupt":
                 log.error("content store: %s", exc)
-                return error(exc.code, exc.detail, 500)
-            return error(exc.code, exc.detail, 404 if exc.code == "missing" else 400)
+                return _error(exc.code, exc.detail, 500)
+            return _error(exc.code, exc.detail, 404 if exc.code == "missing" else 400)
         return Response(data, mimetype="application/octet-stream", headers={"X-Content-SHA256": address})
 
     intake: Counter[tuple[str, str]] = Counter()
 
-    @app.get("/metrics")
+    @bp.get("/metrics")
     def metrics() -> Any:
         return Response(render_coordinator_metrics(coord, intake), content_type=CONTENT_TYPE)
 
-    @app.post("/api/v1/updates")
+    @bp.post("/api/v1/updates")
     def updates() -> Any:
         if request.mimetype != "application/octet-stream":
-            return error("bad_content_type", "send the raw envelope as application/octet-stream", 415)
+            return _error("bad_content_type", "send the raw envelope as application/octet-stream", 415)
         result = coord.receive_update(_read_body(MAX_UPDATE_BYTES))
         intake[(result.status, result.detail.split(":", 1)[0] if result.status == "rejected" else "")] += 1
         body = {"status": result.status, "detail": result.detail, "update_hash": result.update_hash}
@@ -207,145 +210,156 @@ def create_app(coord: Coordinator, admin_token: str = "", public_rpc_url: str = 
             body["error"] = result.detail.split(":", 1)[0]
         return jsonify(body), result.http_status
 
-    @app.get("/api/v1/participants")
+    @bp.get("/api/v1/participants")
     def participants() -> Any:
         return jsonify(coord.participants())
 
-    @app.get("/api/v1/tasks")
+    @bp.get("/api/v1/tasks")
     def tasks() -> Any:
         return jsonify(coord.tasks())
 
-    @app.get("/api/v1/tasks/<task_id>")
+    @bp.get("/api/v1/tasks/<task_id>")
     def task(task_id: str) -> Any:
-        task_or_404(task_id)
+        _task_or_404(coord, task_id)
         return jsonify(next(t for t in coord.tasks() if t["task_id"] == task_id))
 
-    @app.get("/api/v1/tasks/<task_id>/rounds")
+    @bp.get("/api/v1/tasks/<task_id>/rounds")
     def rounds(task_id: str) -> Any:
-        return jsonify(coord.rounds(task_or_404(task_id)))
+        return jsonify(coord.rounds(_task_or_404(coord, task_id)))
 
-    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>")
+    @bp.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>")
     def round_detail(task_id: str, round_: int) -> Any:
-        detail = coord.round_detail(task_or_404(task_id), round_)
+        detail = coord.round_detail(_task_or_404(coord, task_id), round_)
         if detail is None:
-            return error("not_found", f"round {round_} has not been opened", 404)
+            return _error("not_found", f"round {round_} has not been opened", 404)
         return jsonify(detail)
 
-    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/updates")
+    @bp.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/updates")
     def round_updates(task_id: str, round_: int) -> Any:
-        detail = coord.round_detail(task_or_404(task_id), round_)
+        detail = coord.round_detail(_task_or_404(coord, task_id), round_)
         if detail is None:
-            return error("not_found", f"round {round_} has not been opened", 404)
+            return _error("not_found", f"round {round_} has not been opened", 404)
         return jsonify(detail["updates"])
 
-    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/ledger")
+    @bp.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/ledger")
     def ledger(task_id: str, round_: int) -> Any:
-        data = coord.ledger(task_or_404(task_id), round_)
+        data = coord.ledger(_task_or_404(coord, task_id), round_)
         if data is None:
-            return error("not_found", f"round {round_} is not closed", 404)
+            return _error("not_found", f"round {round_} is not closed", 404)
         return jsonify(data)
 
-    @app.get("/api/v1/chain")
+    @bp.get("/api/v1/chain")
     def chain_info() -> Any:
         """Where to check: the contracts' addresses and the RPC URL the manufacturer suggests."""
         return jsonify({"rpc_url": public_rpc_url, "addresses": dict(coord.contracts.addresses)})
 
-    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/leaves/<leaf>")
+    @bp.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/leaves/<leaf>")
     def leaf(task_id: str, round_: int, leaf: str) -> Any:
-        p = coord.leaf_proof(task_or_404(task_id), round_, _hex32(leaf, "leaf"))
+        p = coord.leaf_proof(_task_or_404(coord, task_id), round_, _hex32(leaf, "leaf"))
         if p is None:
-            return error("not_found", "no such leaf in that round", 404)
+            return _error("not_found", "no such leaf in that round", 404)
         return jsonify(p)
 
-    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/claims/<customer>")
+    @bp.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/claims/<customer>")
     def claim_leaf(task_id: str, round_: int, customer: str) -> Any:
-        p = coord.claim_proof(task_or_404(task_id), round_, _hex32(customer, "customer"))
+        p = coord.claim_proof(_task_or_404(coord, task_id), round_, _hex32(customer, "customer"))
         if p is None:
-            return error("not_found", "nothing settled for that customer in that round", 404)
+            return _error("not_found", "nothing settled for that customer in that round", 404)
         return jsonify(p)
 
-    @app.post(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/claims/<customer>")
+    @bp.post(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/claims/<customer>")
     def claim(task_id: str, round_: int, customer: str) -> Any:
         # anyone may ask: the contract pays only the customer's registered payout, only a true leaf, once
         try:
-            return jsonify(coord.submit_claim(task_or_404(task_id), round_, _hex32(customer, "customer")))
+            return jsonify(coord.submit_claim(_task_or_404(coord, task_id), round_, _hex32(customer, "customer")))
         except KeyError:
-            return error("not_found", "nothing settled for that customer in that round", 404)
+            return _error("not_found", "nothing settled for that customer in that round", 404)
         except ChainError as exc:
-            return error("claim_failed", str(exc)[:300], 409 if exc.reverted else 503)
+            return _error("claim_failed", str(exc)[:300], 409 if exc.reverted else 503)
 
-    @app.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/proofs/<customer>")
+    @bp.get(f"/api/v1/tasks/<task_id>/rounds/<int(max={MAX_ROUND}):round_>/proofs/<customer>")
     def proof(task_id: str, round_: int, customer: str) -> Any:
-        p = coord.proof(task_or_404(task_id), round_, _hex32(customer, "customer"))
+        p = coord.proof(_task_or_404(coord, task_id), round_, _hex32(customer, "customer"))
         if p is None:
-            return error("not_found", "no update of this customer in that round", 404)
+            return _error("not_found", "no update of this customer in that round", 404)
         return jsonify(p)
 
-    @app.get("/api/v1/tasks/<task_id>/reputation")
+    @bp.get("/api/v1/tasks/<task_id>/reputation")
     def reputation(task_id: str) -> Any:
-        return jsonify({"task_id": task_id, "history": coord.reputation_history(task_or_404(task_id))})
+        return jsonify({"task_id": task_id, "history": coord.reputation_history(_task_or_404(coord, task_id))})
 
-    @app.get("/api/v1/customers/<node_id>")
+    @bp.get("/api/v1/customers/<node_id>")
     def customer(node_id: str) -> Any:
         found = coord.customer(_hex32(node_id, "device key"))
         if found is None:
-            return error("not_found", "no device with this key", 404)
+            return _error("not_found", "no device with this key", 404)
         return jsonify(found)
 
-    def run_audit(model_hash: str) -> dict[str, Any]:
-        report = audit_model(coord.contracts, coord.store, model_hash)
-        return {"task_id": report.task_id, "round": report.round, "ok": report.ok, "lines": report.lines(),
-                "problems": report.problems + [p for r in report.rounds for p in r.problems]}
-
-    audits = AuditQueue(run_audit)
-    app.extensions["crowdfl_audits"] = audits
-
-    @app.post("/api/v1/models/<model_hash>/verify")
+    @bp.post("/api/v1/models/<model_hash>/verify")
     def verify_model(model_hash: str) -> Any:
         """Queue the audit (from the chain and the store only, not the database); fetch the result from result_url."""
         _hex32(model_hash, "model hash")
         try:
             job = audits.submit(model_hash)
         except QueueFull as exc:
-            resp, status = error("too_many_requests", str(exc), 429)
+            resp, status = _error("too_many_requests", str(exc), 429)
             resp.headers["Retry-After"] = "10"
             return resp, status
         return jsonify({**job.view(), "result_url": f"/api/v1/audits/{job.job_id}"}), 202
 
-    @app.get("/api/v1/audits/<job_id>")
+    @bp.get("/api/v1/audits/<job_id>")
     def audit_result(job_id: str) -> Any:
         if len(job_id) != 32 or not set(job_id) <= _HEX:
             raise BadRequest("job id must be 32 lowercase hex characters")
         job = audits.get(job_id)
         if job is None:
-            return error("not_found", "no such audit job (results are kept for the last 256 audits)", 404)
+            return _error("not_found", "no such audit job (results are kept for the last 256 audits)", 404)
         return jsonify(job.view())
 
-    @app.get("/api/v1/tasks/<task_id>/rewards")
+    @bp.get("/api/v1/tasks/<task_id>/rewards")
     def rewards(task_id: str) -> Any:
-        return jsonify(coord.rewards(task_or_404(task_id)))
+        return jsonify(coord.rewards(_task_or_404(coord, task_id)))
 
-    @app.get("/api/v1/tasks/<task_id>/anchors")
+    @bp.get("/api/v1/tasks/<task_id>/anchors")
     def anchors(task_id: str) -> Any:
         keys = ("round", "status", "merkle_root", "model_hash", "manifest_hash", "ledger_hash", "tx_hash", "block_number",
                 "gas_used", "settle_gas", "round_gas", "credit_tx", "credit_block", "anchor_attempts", "anchor_error")
-        return jsonify([{k: r[k] for k in keys} for r in coord.rounds(task_or_404(task_id)) if r["status"] != "open"])
+        return jsonify([{k: r[k] for k in keys} for r in coord.rounds(_task_or_404(coord, task_id)) if r["status"] != "open"])
 
-    @app.get("/api/v1/tasks/<task_id>/model")
+    @bp.get("/api/v1/tasks/<task_id>/model")
     def model(task_id: str) -> Any:
-        latest = coord.latest_model(task_or_404(task_id))
+        latest = coord.latest_model(_task_or_404(coord, task_id))
         assert latest is not None
         round_, address = latest
         try:
             data = coord.store.get(address)
         except StoreError as exc:
             log.error("content store: %s", exc)
-            return error(exc.code, exc.detail, 500)
+            return _error(exc.code, exc.detail, 500)
         return Response(data, mimetype="application/octet-stream", headers={"X-Content-SHA256": address, "X-Round": str(round_)})
 
-    # -- admin ----------------------------------------------------------------------------------
-    @app.post("/api/v1/participants")
-    @admin
+    return bp
+
+
+def admin_blueprint(coord: Coordinator, admin_token: str) -> Blueprint:
+    """The manufacturer's actions (participants, artifacts, tasks), every one behind the bearer token."""
+    bp = Blueprint("admin", __name__)
+
+    @bp.before_request
+    def require_token() -> Any:
+        if request.method == "OPTIONS":
+            return None  # Flask answers it without calling a view, as for every route
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = bool(admin_token) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), admin_token.encode())
+        if not ok:
+            log.warning("admin request %s %s refused: %s", request.method, request.path, "no token configured" if not admin_token else "bad or missing bearer token")
+            resp, status = _error("unauthorized", "a valid bearer token is required for this action", 401)
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="crowdfl-coordinator"'
+            return resp, status
+        return None
+
+    @bp.post("/api/v1/participants")
     def register() -> Any:
         data = _request_json()
         raw = data.get("participants") if isinstance(data, dict) and "participants" in data else [data]
@@ -365,25 +379,22 @@ def create_app(coord: Coordinator, admin_token: str = "", public_rpc_url: str = 
             raise BadRequest(str(exc), 409, "conflict") from None
         return jsonify({"registered": [e[0].node_id for e in entries]}), 201
 
-    @app.delete("/api/v1/participants/<node_id>")
-    @admin
+    @bp.delete("/api/v1/participants/<node_id>")
     def remove(node_id: str) -> Any:
         if not coord.remove(_hex32(node_id, "node id")):
-            return error("not_found", "no active participant with this node id", 404)
+            return _error("not_found", "no active participant with this node id", 404)
         return jsonify({"removed": node_id})
 
-    @app.post("/api/v1/artifacts")
-    @admin
+    @bp.post("/api/v1/artifacts")
     def upload() -> Any:
         if request.mimetype != "application/octet-stream":
-            return error("bad_content_type", "send the artifact as application/octet-stream", 415)
+            return _error("bad_content_type", "send the artifact as application/octet-stream", 415)
         data = _read_body(MAX_UPDATE_BYTES)
         if not data:
             raise BadRequest("empty artifact")
         return jsonify({"address": coord.store.put(data)}), 201
 
-    @app.post("/api/v1/tasks")
-    @admin
+    @bp.post("/api/v1/tasks")
     def publish() -> Any:
         d = _json_object({"spec_hash": (str, True), "reward_wei": ((int, str), False)}, _request_json())
         reward = d.get("reward_wei", 0)
@@ -411,7 +422,7 @@ def create_app(coord: Coordinator, admin_token: str = "", public_rpc_url: str = 
             raise BadRequest(f"chain unavailable: {exc}", 503, "chain_unavailable") from None
         return jsonify({"task_id": spec.task_id, "spec_hash": spec_hash}), 201
 
-    return app
+    return bp
 
 
 class ApiServer(BackgroundHttpServer):
