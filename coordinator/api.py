@@ -5,6 +5,9 @@ accepted/rejected updates with reasons, reputation over time, rewards, participa
 the artifacts themselves (models, manifests, ledgers); update intake for the edge servers (signed
 envelopes, so no token); and the manufacturer's admin actions behind a bearer token from the
 config file. The contract is ``openapi.py``, served at /api/v1/openapi.json.
+
+Two blueprints: ``public_blueprint`` (open to anyone) and ``admin_blueprint`` (every route behind
+the bearer token, checked once, before the view).
 """
 
 from __future__ import annotations
