@@ -31,6 +31,7 @@ from crowdfl.serving import BackgroundHttpServer, HttpLimits
 from .audit import audit_model
 from .audit_queue import AuditQueue, QueueFull
 from .chain import ChainError
+from .claims import ClaimThrottled
 from .dashboard import dashboard_blueprint, root_redirect
 from .metrics import render_coordinator_metrics
 from .openapi import openapi_document
@@ -277,6 +278,10 @@ def public_blueprint(coord: Coordinator, audits: AuditQueue, public_rpc_url: str
             return jsonify(coord.submit_claim(_task_or_404(coord, task_id), round_, _hex32(customer, "customer")))
         except KeyError:
             return _error("not_found", "nothing settled for that customer in that round", 404)
+        except ClaimThrottled as exc:  # the coordinator pays the gas: rationed (coordinator/claims.py)
+            resp, status = _error("too_many_requests", str(exc), 429)
+            resp.headers["Retry-After"] = exc.retry_after_header
+            return resp, status
         except ChainError as exc:
             return _error("claim_failed", str(exc)[:300], 409 if exc.reverted else 503)
 

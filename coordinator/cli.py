@@ -65,7 +65,7 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     coord = Coordinator(
         ident, make_sessions(cfg.db_url), store, contracts, lambda t, p, r: link.publish(t, p, qos=1, retain=r),
         byzantine_fraction=cfg.byzantine_fraction, trim_beta=cfg.trim_beta,
-        policy=LedgerPolicy(cfg.reputation, cfg.max_participants, cfg.trust), defence=cfg.defence,
+        policy=LedgerPolicy(cfg.reputation, cfg.max_participants, cfg.trust), defence=cfg.defence, claim_limits=cfg.claims,
     )
     if new_task is not None and not coord.running_tasks():
         designed = design_task(TaskDesign(rounds=int(new_task["rounds"]), epsilon=new_task["epsilon"]), household.WORLD_START)

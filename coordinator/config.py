@@ -10,6 +10,7 @@ from crowdfl.mqtt import MqttSettings
 from crowdfl.secrets import resolve_secret
 from crowdfl.serving import HttpLimits
 
+from .claims import ClaimLimits
 from .defence import DefenceConfig
 from .reputation import ReputationConfig, TrustReputationConfig
 
@@ -48,6 +49,8 @@ class CoordinatorConfig:
     trust: TrustReputationConfig = field(default_factory=TrustReputationConfig)
     # the API's waitress limits: body (chunked too; 413), headers (431), idle connections, threads
     http_limits: HttpLimits = field(default_factory=HttpLimits)
+    # claims the coordinator sends (and pays gas for) on a customer's behalf: rationed (coordinator/claims.py)
+    claims: ClaimLimits = field(default_factory=ClaimLimits)
 
     @property
     def key_file(self) -> Path:

@@ -36,6 +36,10 @@ def render_coordinator_metrics(coord: Coordinator, intake: Counter[tuple[str, st
             {(("reason", k),): float(v) for k, v in reasons.items()})
     x.counter("crowdfl_coordinator_intake_total", "Update submissions over HTTP since start, by outcome and reason.",
               {(("status", st), ("reason", r)): float(n) for (st, r), n in intake.items()})
+    x.counter("crowdfl_coordinator_claims_total",
+              "Claims asked of the coordinator (it pays the gas) since start, by outcome (claimed, already_claimed, "
+              "not_found, failed, throttled) and reason.",
+              {(("outcome", o), ("reason", r)): float(n) for (o, r), n in coord.claims.counts.items()})
     x.gauge("crowdfl_coordinator_anchor_queue", "Rounds closed and not yet anchored on chain.", float(rounds.get("closed", 0)))
     x.gauge("crowdfl_coordinator_anchor_failing", "Rounds whose last anchoring attempt failed (chain down?).", float(failing))
     x.gauge("crowdfl_coordinator_settle_queue", "Anchored rounds whose scores and rewards are not yet on chain.", float(unsettled))

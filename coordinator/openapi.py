@@ -121,9 +121,11 @@ def openapi_document() -> dict[str, Any]:
                 "type": "object", "properties": {"reputation_milli": {"type": "integer"}, "amount_wei": _WEI,
                                                  "proof": {"type": "array", "items": _HASH}}}, ["task_id", "round", "customer"]),
             "post": {
-                "summary": "send the customer's claim on its behalf (the contract pays only its registered payout, once)",
+                "summary": "send the customer's claim on its behalf (the contract pays only its registered payout, once); "
+                           "the coordinator pays the gas, so it sends one claim per customer and round at a time, waits "
+                           "after a failed one and sends a limited number a minute (429 with Retry-After otherwise)",
                 "parameters": [{"$ref": f"#/components/parameters/{p}"} for p in ("task_id", "round", "customer")],
-                "responses": {"200": _json({"type": "object"}), "404": _ERROR, "409": _ERROR, "503": _ERROR},
+                "responses": {"200": _json({"type": "object"}), "404": _ERROR, "409": _ERROR, "429": _ERROR, "503": _ERROR},
             },
         },
         "/api/v1/chain": _get("the contracts' addresses and the JSON-RPC URL the manufacturer suggests to customers",

@@ -26,7 +26,7 @@ from crowdfl.identity import Identity, PublicIdentity
 from crowdfl.messages import ModelWeights, RoundStart, TaskSpec
 
 from .anchoring import Anchored, Anchorer
-from .claims import ClaimSender
+from .claims import ClaimLimits, ClaimSender
 from .contracts import CrowdContracts
 from .db import Round
 from .defence import DefenceConfig
@@ -66,6 +66,7 @@ class Coordinator:
         policy: LedgerPolicy | None = None,
         defence: DefenceConfig | None = DefenceConfig(),  # noqa: B008 (frozen)
         reference_samples: int = 1024,
+        claim_limits: ClaimLimits | None = None,
     ) -> None:
         self.identity = identity
         self.sessions = sessions
@@ -82,7 +83,7 @@ class Coordinator:
             sessions, store, publish, self.views, self.registry, self.task_publisher, self.anchorer, self._lock,
             evaluate, byzantine_fraction, trim_beta, policy or LedgerPolicy(), defence, reference_samples,
         )
-        self.claims = ClaimSender(contracts, self.views.claim_proof)
+        self.claims = ClaimSender(contracts, self.views.claim_proof, claim_limits)
         # the engine's per-task inputs, filled by the CLI and the demo (the same dicts, not copies)
         self.evaluators = self.engine.evaluators
         self.roots = self.engine.roots
