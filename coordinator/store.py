@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
+from crowdfl.durable import fsync_dir
 from crowdfl.errors import CrowdflError
 from crowdfl.messages import is_hex64
 
@@ -35,14 +36,6 @@ class ContentStore(Protocol):
     def has(self, address: str) -> bool: ...
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalContentStore:
     """Files under ``root/aa/bbbb…``, written atomically."""
 
@@ -61,14 +54,14 @@ class LocalContentStore:
             return address
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root)  # the new fan-out folder's entry must survive a power cut too
+            fsync_dir(self.root)  # the new fan-out folder's entry must survive a power cut too
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself is durable only once its folder is
+        fsync_dir(path.parent)  # the rename itself is durable only once its folder is
         return address
 
     def get(self, address: str) -> bytes:

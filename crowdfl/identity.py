@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from .durable import fsync_dir
 from .errors import ConfigError
 
 KEY_FILE_VERSION = 1
@@ -127,7 +128,9 @@ class Identity:
     def save(self, path: Path) -> None:
         """Write the key file with 0600 permissions, atomically; never overwrite an existing one."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(path.parent.parent)  # the new folder's own entry must survive a power cut too
         body = json.dumps(
             {"version": KEY_FILE_VERSION, "sign_seed": self.sign_seed.hex(), "enc_seed": self.enc_seed.hex()}
         ).encode()
@@ -142,6 +145,9 @@ class Identity:
             tmp.unlink()
             raise FileExistsError(f"{path} exists; refusing to overwrite a key file")
         os.replace(tmp, path)
+        # the rename is durable only once the folder is: without this a power cut right after first
+        # boot can leave no key file, and the next boot makes a new identity the chain does not know
+        fsync_dir(path.parent)
 
     @classmethod
     def load(cls, path: Path) -> Identity:

@@ -110,3 +110,25 @@ def test_identity_file_permissions(tmp_path) -> None:  # type: ignore[no-untyped
 
     with pytest.raises(ConfigError, match="key_permissions"):
         Identity.load(path)
+
+
+def test_identity_save_fsyncs_the_file_then_its_folder(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Before: the key file was fsynced, the rename into place was not, so a power cut right after
+    first boot could leave no key file and the next boot a new identity the chain does not know."""
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append(("dir " if os.path.isdir(target) else "file ") + os.path.relpath(target, tmp_path))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    Identity.generate().save(tmp_path / "state" / "identity.json")
+    # the new folder's entry in its parent, the key itself, then the rename in the new folder
+    assert synced == ["dir .", "file state/identity.json.tmp", "dir state"]
+    synced.clear()
+    Identity.generate().save(tmp_path / "state" / "other.json")
+    assert synced == ["file state/other.json.tmp", "dir state"]
