@@ -92,3 +92,54 @@ def test_the_device_reads_its_kinds_without_the_generator() -> None:
         for node in tree.body:  # module level only
             if isinstance(node, ast.ImportFrom) and node.module == "crowdfl.household":
                 pytest.fail(f"{p.relative_to(REPO)}:{node.lineno} imports the household generator at module level")
+
+
+# what a write looks like in the coordinator: a session transaction, a row added, merged or deleted,
+# bytes put in the store, a message published, a chain transaction (every one goes through contracts)
+_WRITE_CALLS = frozenset({"begin", "add", "add_all", "merge", "delete", "commit", "flush", "put", "publish", "execute"})
+_WRITE_NAMES = frozenset({"contracts", "insert", "update", "delete", "IntegrityError"})
+
+
+def writes_in(path: Path) -> list[str]:
+    """Every spelling of a write in a module: the calls above, any mention of the chain or of
+    SQL's insert/update/delete, any attribute set outside ``__init__`` (a row's attribute set inside
+    a session is how the ORM updates) and any item set on ``self`` except the spec cache."""
+    tree = ast.parse(path.read_text(), str(path))
+    found: list[str] = []
+    inits = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__" for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _WRITE_CALLS:
+            found.append(f"{node.lineno}: .{node.func.attr}(…)")
+        elif isinstance(node, ast.Name) and node.id in _WRITE_NAMES or isinstance(node, ast.Attribute) and node.attr in _WRITE_NAMES:
+            found.append(f"{node.lineno}: {getattr(node, 'id', getattr(node, 'attr', ''))}")
+        elif isinstance(node, ast.alias) and node.name in _WRITE_NAMES:
+            found.append(f"imports {node.name}")
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and id(node) not in inits:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                text = ast.unparse(t)
+                # a local dict being built is not a write; an attribute set (an ORM row's) or an item of self's is
+                if isinstance(t, ast.Attribute) or isinstance(t, ast.Subscript) and text.startswith("self.") and not text.startswith("self._specs["):
+                    found.append(f"{node.lineno}: {text} = …")
+    return sorted(found, key=lambda f: int(f.split(":")[0]) if f[0].isdigit() else 0)
+
+
+def test_the_coordinators_views_write_nothing() -> None:
+    """coordinator/views.py serves the API and the dashboard: reads only (its one state, the spec
+    cache, is filled from the database and never changes a row)."""
+    assert writes_in(REPO / "coordinator" / "views.py") == []
+
+
+def test_the_write_checker_sees_writes(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "class V:\n"
+        "    def __init__(self, s):\n        self.s = s\n"
+        "    def a(self):\n        with self.sessions.begin() as s:\n            pass\n"
+        "    def b(self, row):\n        row.status = 'done'\n"
+        "    def c(self):\n        return self.store.put(b'x')\n"
+        "    def d(self):\n        return self.contracts.is_claimed(1)\n"
+        "    def e(self, k):\n        self._specs[k] = 1\n        self.cache[k] = 2\n"
+    )
+    found = writes_in(probe)
+    assert [f.split(":")[0] for f in found] == ["5", "8", "10", "12", "15"], found
