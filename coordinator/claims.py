@@ -34,7 +34,7 @@ class ClaimLimits:
 
     def __post_init__(self) -> None:
         if self.per_minute < 0 or not self.retry_after_s >= 0:
-            raise ValueError("claims: per_minute and retry_after_s must be >= 0")
+            raise ValueError("per_minute and retry_after_s must be >= 0")
 
 
 class ClaimThrottled(Exception):

@@ -162,3 +162,16 @@ def test_over_http_a_throttled_claim_is_a_429_sends_nothing_and_is_counted(tmp_p
     metrics = client.get("/metrics").get_data(as_text=True)
     for outcome, reason in (("claimed", ""), ("throttled", "rate"), ("already_claimed", "")):
         assert f'crowdfl_coordinator_claims_total{{outcome="{outcome}",reason="{reason}"}} 1.0' in metrics, metrics
+
+
+def test_the_limits_come_from_the_config_file_and_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator.config import load
+    from crowdfl.errors import ConfigError
+
+    cfg = tmp_path / "coordinator.toml"
+    cfg.write_text("[claims]\nper_minute = 5\n")
+    monkeypatch.setenv("CROWDFL_COORDINATOR__CLAIMS__RETRY_AFTER_S", "7")
+    assert load(cfg).claims == ClaimLimits(per_minute=5, retry_after_s=7.0)
+    cfg.write_text("[claims]\nper_minute = -1\n")
+    with pytest.raises(ConfigError, match="per_minute"):
+        load(cfg)
