@@ -77,6 +77,9 @@ HARMFUL = frozenset(a for a in Attack if a not in (Attack.NONE, Attack.FREE_RIDE
 """Attacks whose updates damage the model (scale_x10 is harmless once norms are bounded but is
 flagged as well; free riders do no damage but must earn nothing)."""
 
+_IGNORES_OWN_TRAINING = frozenset({Attack.NOISE, Attack.IPM, Attack.ALIE, Attack.ALIE_JITTER, Attack.SLEEPER, Attack.SYBIL, Attack.FREE_RIDER, Attack.COPYCAT})
+"""Attacks whose update does not depend on the attacker's own training (from the attack's start)."""
+
 RULES = ("fedavg", "multi_krum", "coordinate_median", "trimmed_mean")
 DEFENDED_RULES = (TRUST_MEAN, "coordinate_median")  # the candidates for the default (chosen on validation)
 
@@ -191,7 +194,6 @@ def run_one(world: World, plan: Plan, cfg: RunConfig, seed: int) -> RunResult:
     start = attack_starts(attack, plan.rounds)
     index = {cid: i for i, cid in enumerate(pool.ids)}
     released = dict.fromkeys(pool.ids, 0)
-    max_samples = plan.rounds * plan.samples_per_round
     old_cfg = ReputationConfig()
     trust_cfg = cfg.trust_rep
     floor = trust_cfg.floor if cfg.defended else old_cfg.floor
@@ -217,13 +219,20 @@ def run_one(world: World, plan: Plan, cfg: RunConfig, seed: int) -> RunResult:
             i = index[cid]
             released[cid] = min(released[cid] + plan.samples_per_round, len(pool.labels[i]))
             n = released[cid]
+            if cid in bad and attack in _IGNORES_OWN_TRAINING and rnd >= start:
+                locals_[cid] = [w.copy() for w in global_w]  # replaced by the attack: not trained (saves time)
+                counts[cid] = rnd * plan.samples_per_round
+                continue
             labels = pool.labels[i][:n].astype(np.int64)
             if cid in bad and attack is Attack.LABEL_FLIP:
                 labels = spec.num_classes - 1 - labels
             data = CustomerData(np.arange(n, dtype=np.uint64), pool.features[i][:n], labels)
             train_seed = int(np.random.SeedSequence([seed, rnd, i]).generate_state(1)[0] % 2**31)
             locals_[cid] = train_numpy(global_w, data, spec, train_seed)
-            counts[cid] = max_samples if cid in bad else n  # attackers claim the most they can
+            # attackers claim the most a device-signed receipt can vouch for by this round (one batch
+            # of samples_per_round a round: crowdfl.receipts.check_receipt_plausible); honest
+            # customers claim what they released
+            counts[cid] = rnd * plan.samples_per_round if cid in bad else n
         updates = _attacked(attack, rnd, plan.rounds, global_w, locals_, bad, noise_rng)
         for cid in chosen:
             check_back_weights(updates[cid], spec)
@@ -236,9 +245,7 @@ def run_one(world: World, plan: Plan, cfg: RunConfig, seed: int) -> RunResult:
             d = defend(global_w, [updates[c] for c in ordered], [counts[c] for c in ordered], reference, stand, replace(cfg.defence, rule=cfg.rule), params)
             scores = trust_round_scores(ordered, d.cosine, d.similarity_penalty * d.clip_scale, trust_cfg)
             reps = update_trust_reputations(reps, scores, trust_cfg)
-            pay = contribution_rewards(
-                POOL_WEI, dict(zip(ordered, map(float, d.value), strict=True)), dict(zip(ordered, stand, strict=True)), {c: counts[c] for c in ordered}
-            )
+            pay = contribution_rewards(POOL_WEI, scores, dict(zip(ordered, stand, strict=True)), {c: counts[c] for c in ordered})
             candidate = [np.array(w, dtype=np.float32) for w in d.aggregate.weights]
             cand_val = accuracy(candidate, *world.validation)
             decision = guard(cand_val, prev_val, cfg.defence.guard_tolerance)
