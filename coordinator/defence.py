@@ -21,7 +21,8 @@ A round's updates are first turned into *deltas* from the round's global model, 
    cosine to each update's ``group_size`` most similar others: honest updates, each carrying its
    own household's estimation noise and its devices' Laplace noise, have few close neighbours;
    members of a coordinated group have several. Above ``group_threshold`` the weight falls
-   linearly to 0 at ``group_full`` (on the household task at epsilon 4 the honest maximum was
+   linearly to 0 at ``group_full``, and only when it is also ``group_margin`` above the round's
+   median (a task whose honest updates are all alike raises the bar with its median; on the household task at epsilon 4 the honest maximum was
    0.72 and jittered ALIE groups 0.72-0.84, bench/quality/robustness.py; a task with other noise
    needs these re-chosen on its own validation run).
 4. **Probation**: the caller passes each update's standing (its reputation mapped to [0, 1],
@@ -81,6 +82,7 @@ class DefenceConfig:
     group_size: int = 3  # neighbours whose mean cosine measures membership of a coordinated group
     group_threshold: float = 0.7  # mean cosine to the group_size nearest above which weight falls
     group_full: float = 0.78  # ... to 0 at this mean cosine
+    group_margin: float = 0.1  # and only above the round's median group similarity + this margin
     min_weight: float = 0.0  # updates with weight <= this are not admitted
     guard_tolerance: float = 0.05  # refuse a model this much less accurate on validation than the last
 
@@ -91,7 +93,7 @@ class DefenceConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number; got {v!r}")
-        for name in ("similarity_threshold", "min_weight", "guard_tolerance", "group_threshold"):
+        for name in ("similarity_threshold", "min_weight", "guard_tolerance", "group_threshold", "group_margin"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1); got {v!r}")
@@ -218,7 +220,12 @@ def defend(
         group[norms == 0.0] = 0.0
     t = config.similarity_threshold
     sim_penalty = np.clip((1.0 - sim) / (1.0 - t), 0.0, 1.0)
-    group_penalty = np.clip((config.group_full - group) / (config.group_full - config.group_threshold), 0.0, 1.0)
+    # relative to the round as well: where honest updates are alike (little noise, much data) the
+    # cohort's median is high and only a group well above it is penalised
+    live = group[norms > 0.0]
+    low = max(config.group_threshold, (float(np.median(live)) if live.size else 0.0) + config.group_margin)
+    high = low + (config.group_full - config.group_threshold)
+    group_penalty = np.clip((high - group) / (high - low), 0.0, 1.0)
     sim_penalty = _round(np.minimum(sim_penalty, group_penalty))
 
     positive = norms[norms > 0]

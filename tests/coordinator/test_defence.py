@@ -192,3 +192,16 @@ def test_rewards_pay_for_value_and_splitting_gains_nothing() -> None:
     assert split["honest_a"] + split["honest_b"] <= pay["honest"]
     # nobody useful: nothing is paid, the pool stays
     assert contribution_rewards(pool, {"a": 0.0}, {"a": 1.0}, {"a": 10}) == {"a": 0}
+
+
+def test_alike_honest_updates_are_not_taken_for_a_group() -> None:
+    """Little noise, much data: every honest update is close to every other. The group penalty is
+    relative to the round's median, so nobody loses weight for agreeing with everyone."""
+    rng = np.random.default_rng(2)
+    base = _model(rng)
+    direction = [rng.normal(0, 0.1, s) for s in SHAPES]
+    ref = [(b + d).astype(np.float32) for b, d in zip(base, direction)]
+    honest = [[(b + d * rng.uniform(0.8, 1.2) + rng.normal(0, 0.03, s)).astype(np.float32) for b, d, s in zip(base, direction, SHAPES)] for _ in range(10)]
+    d = defend(base, honest, [1] * 10, ref, [1.0] * 10, DefenceConfig())
+    assert (d.group_similarity > DefenceConfig().group_full).all()  # alike by the absolute threshold
+    assert (d.similarity_penalty == 1.0).all() and len(d.admitted) == 10
