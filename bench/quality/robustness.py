@@ -574,25 +574,37 @@ DOC_HEADER = """# Robustness: what the defences assume, what they do, what they 
 2. Each update's delta gets a trust = ReLU(cosine to the reference delta); its norm is clipped to
    2 × the round's median delta norm (centered/norm clipping: Karimireddy et al., ICML 2021; Sun
    et al. 2019); an update whose most similar other update has cosine > 0.95 loses weight linearly
-   to 0 at 1 (FoolsGold, Fung et al., RAID 2020).
+   to 0 at 1, and one whose mean cosine to its 3 most similar others (after FoolsGold's pardoning)
+   is above max(0.7, the round's median + 0.1) loses weight linearly to 0 at 0.08 above that: a
+   group of attackers who add their own noise to one shared update (FoolsGold, Fung et al., RAID
+   2020; jittered "a little is enough", Baruch et al., NeurIPS 2019).
 3. The update's weight is trust × similarity penalty × clipping penalty × standing (its
    reputation; a newcomer is on probation at 0.6). Updates of weight 0 are not admitted. The new
    model is the coordinate median of the admitted, clipped updates (the coordinator's default,
    chosen on the validation homes below) or, with `rule = "trust_mean"`, the global model plus
-   the weight-averaged clipped deltas (FLTrust's combination). The two tie within noise on
-   validation (table below); the median needs no weights, the trust mean uses probation.
+   the weight-averaged clipped deltas (FLTrust's combination).
 4. A guard compares the candidate with the previous model on the manufacturer's validation homes
    and keeps the previous model when the candidate is more than 5 points worse (Zeno-style
    validation, Xie et al., ICML 2019); the decision, both accuracies and the candidate's hash are
    in the manifest's `rule_params`, anchored with the round.
-5. Reputation comes from the trust signal (`coordinator/reputation.py`): the cosine is scored on
-   [−a, +a] with a = the round's median cosine, times the penalties; it rises by 0.2 of the gap
-   and falls by 0.45; a score more than 0.5 below the reputation restarts it from the prior before
-   the fall (a sleeper loses its earned trust in one round). Below 0.3 a customer is not selected.
-6. Rewards are shares of the round's pool proportional to value × standing × sample count: a zero,
-   reversed, random or duplicated update earns nothing, whatever it claims; two identities that
-   split one customer's samples earn no more than the whole (each starts on probation, and if they
-   send the same update they are duplicates).
+5. Reputation comes from the trust signal (`coordinator/reputation.py`), scored against the
+   round's own cohort: a robust z-score of the cosine (median, 1.4826 × MAD; at least 0.02),
+   score = clip(1 + z / 1.5, 0, 1) × the penalties, so an update as aligned as the median one
+   scores 1 and one 1.5 robust deviations below it 0. Honest cosines shrink from about 0.3 in the
+   first round to about 0.05 once the model has converged; a fixed mapping would either forgive a
+   reversed update early or punish honest noise late. The reputation rises by 0.2 of the gap and
+   falls by 0.35; a score more than 0.5 below the reputation restarts it from the prior before the
+   fall (a sleeper loses its earned trust in one round). Below 0.3 a customer is not selected.
+6. Rewards are shares of the round's pool proportional to that score × standing × the
+   device-signed sample count (an update's count must match its device's receipt; the bench's
+   attackers claim the most a receipt can vouch for by the round): a zero, reversed, random or
+   duplicated update, or one far less aligned than the cohort, earns nothing, whatever it claims;
+   two identities that split one customer's samples earn no more than the whole (each starts on
+   probation, and if they send the same update they are duplicates).
+
+Everything in 2–6 is a deterministic function of the stored base model, reference and updates,
+the recorded standings and the recorded guard accuracies: the audit re-runs it
+(`coordinator/rounds.py:defended_round`, `coordinator/ledger.py:round_ledger`).
 
 ## What is not covered
 
@@ -605,9 +617,16 @@ DOC_HEADER = """# Robustness: what the defences assume, what they do, what they 
 - A copycat who sends an exact copy of an honest customer's update makes *both* look like
   duplicates: the honest customer loses that round's weight and reward too (the table shows the
   cost). Binding an update to device-signed inputs would be needed to tell who copied whom.
-- A single honest customer whose households are unlike every root home can score low; one such
-  round keeps it selectable, several in a row take it below the floor (the "honest excluded"
-  column counts it).
+- The group-similarity thresholds (0.7 / 0.78, margin 0.1) were set on this task at ε = 4, where
+  honest updates carry much noise; an honest customer whose update happens to lie close to a
+  coordinated group can lose weight with it (FoolsGold's pardoning limits this), and a group that
+  adds more noise of its own escapes the penalty at the price of moving the model less.
+- Scores are relative to the round's cohort: in every round the least aligned honest updates score
+  low, and a customer whose homes are unlike the root homes can score low round after round and
+  fall below the floor (the "honest excluded" column counts every honest customer that was ever
+  left out; there is no way back for it yet).
+- A label flipper whose flipped update still points roughly where the reference does (a customer
+  whose classes are nearly symmetric) is down-weighted only partly and can stay above the floor.
 - The guard refuses only *clearly* worse models (5 points); slow poisoning below that threshold
   per round is left to the trust weights and the reputation.
 - Training itself is noisy here: attack-free runs move by several points between seeds and rounds
