@@ -349,6 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.render_only:
         results = json.loads((args.out / "results.json").read_text())
+        # the goals are a pure function of the rows: recomputed, so a change of what is checked
+        # needs no re-run (the rows, controls and timings are left as measured)
+        plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in results["plan"].items()})
+        results["goals"] = check_goals(results["rows"], results["default_rule"], max(plan.fractions), plan)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+        if not plan.quick:
+            from bench.results_io import write_result
+
+            write_result("robustness", {"default_rule": results["default_rule"], "goals": results["goals"], "seconds": results["seconds"]}, quick=False)
         report = render(results)
         (args.out / "report.md").write_text(report)
         if not args.no_docs and not results["plan"]["quick"]:
@@ -460,7 +469,8 @@ def _run_jobs(jobs: list[tuple[str, bool, Attack, float]], worlds: dict[int, Wor
 
 
 def check_goals(rows: list[dict[str, Any]], default_rule: str, top: float, plan: Plan) -> dict[str, Any]:
-    mine = [r for r in rows if r["rule"] == default_rule and r["defended"] and r["fraction"] == top]
+    every = [r for r in rows if r["rule"] == default_rule and r["defended"]]
+    mine = [r for r in every if r["fraction"] == top]
     worst_gap = max((r["gap_to_control"] for r in mine), default=float("nan"))
     harmful = [r for r in mine if Attack(r["attack"]) in HARMFUL]
     slow = [r["attack"] for r in harmful if r["never_flagged"] or any(f is None or f > 3 for f in r["rounds_to_flag"])]
@@ -473,6 +483,16 @@ def check_goals(rows: list[dict[str, Any]], default_rule: str, top: float, plan:
         "attacker_reward_share_by_attack": rewards,
         "rewards_below_headcount_every_attack": bool(all(v < top for v in rewards.values())),
         "honest_excluded_total": int(sum(r["honest_excluded"] for r in mine)),
+        # the same goals at every fraction, not only the largest
+        "reward_share_not_below_headcount": sorted(
+            f"{r['attack']} at {r['fraction']:.0%}" for r in every if r["attacker_reward_share"]["mean"] >= r["fraction"]
+        ),
+        "harmful_not_flagged_within_3_rounds_any_fraction": sorted(
+            f"{r['attack']} at {r['fraction']:.0%}" for r in every
+            if Attack(r["attack"]) in HARMFUL and (r["never_flagged"] or any(f is None or f > 3 for f in r["rounds_to_flag"]))
+        ),
+        "honest_excluded_every_fraction": int(sum(r["honest_excluded"] for r in every)),
+        "honest_runs_every_fraction": int(sum(r["test"]["n"] for r in every)),
     }
 
 
@@ -538,6 +558,12 @@ def render(res: dict[str, Any]) -> str:
         f"- attackers' reward share below their head count under every attack: {'yes' if g['rewards_below_headcount_every_attack'] else 'NO'} "
         "(" + ", ".join(f"{k} {v:.2f}" for k, v in sorted(g["attacker_reward_share_by_attack"].items())) + ")",
         f"- honest customers excluded (summed over attacks and seeds): {g['honest_excluded_total']}",
+        "",
+        "At every fraction (10/20/30 %):",
+        "",
+        f"- attacker types whose reward share is not below their head count: {', '.join(g.get('reward_share_not_below_headcount', [])) or 'none'}",
+        f"- harmful attackers not below the floor within 3 rounds on every seed: {', '.join(g.get('harmful_not_flagged_within_3_rounds_any_fraction', [])) or 'none'}",
+        f"- honest customers excluded: {g.get('honest_excluded_every_fraction', '–')} over {g.get('honest_runs_every_fraction', '–')} attacked runs",
         "",
     ]
     return "\n".join(lines)
@@ -637,31 +663,42 @@ DOC_FOOTER = """
 ## Reading the results (written by hand for the committed run; re-check after a re-run)
 
 - **Accuracy.** At 30 % attackers the defended default stays within 2 points of its own
-  attackers-absent control under all 12 attacks (worst: copycat and label flip, +0.020). Without
-  the defences, inner-product manipulation takes FedAvg and the trimmed mean to 0.10 and Multi-Krum
-  to 0.46 ± 0.22, and the colluding group takes FedAvg to 0.14.
+  attackers-absent control under all 12 attacks (worst gap +0.001: the attacked runs are on
+  average no worse than the control). The same holds at 10 % (worst +0.007, scale ×10) and 20 %
+  (worst +0.029, copycat: NOT within 2 points there). Without the defences, inner-product
+  manipulation takes FedAvg and the trimmed mean to 0.10, the colluding group takes FedAvg to 0.16,
+  label flipping takes FedAvg to 0.37. The defences cost accuracy when nobody attacks: the defended
+  default's control is 0.552 against 0.576–0.580 for the plain rules (the guard refuses 3 rounds in
+  an 8-round run on average, and the median of the admitted updates is noisier than their mean).
 - **Flagging.** Inner-product manipulation, colluding, "a little is enough", Sybils, sleepers
   (counted from the round they switch), free riders and copycats fall below the floor in 2 rounds
-  on every seed, random noise in 3. Sign flip, label flip and jittered ALIE are not reliably
-  flagged: their updates are weakly aligned with the reference, so their trust (and weight) is
-  small but their score is not 0. Scaled ×10 updates are clipped (harmless) and flagged in 5–7.
-- **Rewards.** Free riders, copycats, inner-product, colluding, ALIE and Sybil attackers earn 0 %
-  of the rewards (their head count is 30 %); without the defences free riders collect 47–56 %.
-  Jittered ALIE attackers collect 35 %: an update that is the honest mean plus its own noise looks
-  like useful work to every signal here. Sleepers collect 30 %, earned in the rounds they behaved.
-  Scaled and label-flipping attackers collect 11–13 % (their updates carry some real training).
-- **Honest customers excluded: not met.** Across the 12 attacks and 5 seeds 135 honest
-  customer-runs ended below the floor with the default rule (about 2 of the 14 honest customers
-  per attacked run; in the 5 control runs 25, i.e. 5 of 20 per run; 9 with the trust mean). Their updates point away from the
-  reference in several rounds in a row. The reputation's loss rate trades this against flagging
-  speed (0.45 excluded about twice as many); a way back for excluded customers (a probation slot
-  every few rounds) is not built.
+  on every seed at every fraction, random noise in 2–3. Sign flip is flagged in 2 rounds on 4 of 5
+  seeds at every fraction (seed 3: never). Label flip is flagged within 3 rounds on 3, 1 and 1 of
+  5 seeds at 10/20/30 %, and jittered "a little is enough" on none: both stay within the honest cohort's spread of cosines often
+  enough to keep their reputation above the floor. Scaled ×10 updates are clipped (harmless) and
+  flagged in 3–5 rounds.
+- **Rewards.** At 30 % every attacker type collects less than its head count: free riders,
+  copycats, inner-product, colluding, ALIE and Sybil attackers 0 %, sign flip 1 %, scale 3 %,
+  label flip 4 %, jittered ALIE 13 %, sleepers 14 % (earned in the rounds they behaved). Not met
+  at lower fractions for jittered ALIE: 16 % at 10 % and 28 % at 20 % (two or four attackers form
+  too small a group for the group-similarity penalty, and their updates are the honest mean plus
+  noise). Without the defences free riders collect their head count's share or more (30–38 %).
+- **Honest customers excluded: not met.** 104 honest customer-runs ended below the floor at 30 %
+  over the 12 attacks and 5 seeds (1.7 of 14 honest customers per run; 404 over the 180 attacked
+  runs at all fractions, 20 in the 5 control runs). Scores are relative to the round's cohort, so
+  the least aligned honest customers score low in every round; a customer whose homes are unlike
+  the root homes does so repeatedly. A wider score (1 + z / 3 instead of 1 + z / 1.5) excluded
+  about a third as many in a 3-seed trial but no longer flagged sign flippers; a way back for
+  excluded customers is not built.
 - **Guard.** It refuses 2–3 rounds per 8-round run even without attackers: honest training on
   these noisy features regularly produces a model more than 5 points worse on validation than the
   previous one (the learning issue of docs/quality.md); keeping the previous model is then the
   right call, and the refusals are recorded in each round's manifest.
-- **Cost.** The full run took 2492 s + 1075 s on two cores shared with five other jobs, beyond the
-  20-minute budget; `--quick` takes about 45 s unloaded (3 min under that load).
+- **Cost.** The whole grid (every rule with and without the defences × 12 attacks × 10/20/30 % × 5
+  seeds, plus controls: 1110 runs) took 857 s on two cores shared with other jobs (load ≈ 10), within
+  the 20-minute budget: each round's customers are trained as one batched computation
+  (`bench/quality/fasttrain.py:train_many`, bit-identical to one training each), attackers whose
+  update ignores their own training are not trained, and BLAS runs one thread per process.
 """
 
 
