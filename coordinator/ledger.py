@@ -122,12 +122,14 @@ def round_ledger(
             scores[customer] = 0.0
     if defended:
         after = update_trust_reputations(reputation_before, scores, policy.trust)
-        # pay by measured value x standing x samples, whether or not the guard published the model:
-        # the customer's work was useful or not on its own merits
+        # pay by the round's trust score x standing x samples, whether or not the guard published
+        # the model: the customer's work was useful or not on its own merits. The score, not the
+        # raw cosine, because it is relative to the round's honest cohort: an update that only
+        # looks like work (noise around the mean, a weakly aligned flip) earns little or nothing.
         paid = [i for i, (_, u) in enumerate(ordered) if u.customer in payees]
         rewards = contribution_rewards(
             pool_wei,
-            {customers[i]: float(result.params["value"][i]) for i in paid},
+            {customers[i]: float(scores[customers[i]]) for i in paid},
             {customers[i]: float(result.params["standing"][i]) for i in paid},
             {customers[i]: ordered[i][1].num_samples for i in paid},
         ) if paid else {}

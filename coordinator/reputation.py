@@ -273,30 +273,40 @@ class TrustReputationConfig:
     gain: r += gain * (score - r) when the score is at or above the reputation (slow: about five
         good rounds from the prior to 0.85).
     loss: r += loss * (score - r) when the score is below (faster than the gain: two worthless
-        rounds take a newcomer below the floor; one leaves it on probation, since an honest
-        customer's update can point away from the reference in a round of unlucky noise; 0.45
-        excluded about one honest customer in five over eight rounds in bench/quality/robustness.py,
-        0.3 none).
+        rounds take a newcomer below the floor, 0.6 -> 0.39 -> 0.25; one leaves it on probation,
+        since an honest customer's update can point away from the reference in a round of unlucky
+        noise). With the cohort-relative score, 0.3 left a sign flipper that scored 0.1 once at
+        0.32, just above the floor (bench/quality/robustness.py, seed 0); 0.35 flags it.
     jump: a score more than ``jump`` below the reputation is a sudden change of behaviour (the
         sleeper who attacks after earning trust): the reputation falls back to the prior before
         the loss applies, so earned trust does not shelter an attack.
-    relative: a round's cosines to the reference are scored on [-a, +a] with a = relative x their
-        median (fewer than half the updates cannot move a median far): an update as aligned as
-        the ordinary honest one scores 1, an orthogonal one 0.5, a reversed one 0.
+    spread: a round's cosines to the reference are scored against the round's own cohort, by a
+        robust z-score (median and 1.4826 x median absolute deviation: Hampel, JASA 1974;
+        Rousseeuw & Croux, JASA 1993): score = clip(1 + z / spread, 0, 1). An update at least as
+        aligned as the median one scores 1; one ``spread`` robust deviations below scores 0. A
+        round's alignment shrinks as the model converges (honest cosines from about 0.3 in the
+        first round to about 0.05 later, bench/quality/robustness.py), so a fixed mapping either
+        forgives a reversed update early or punishes honest noise late; the cohort's own spread
+        does neither. Fewer than half the updates cannot move a median or a MAD far.
+    min_spread: floor of the robust deviation, so that a round of near-identical cosines does
+        not turn a rounding difference into a zero score.
     """
 
     prior: float = 0.6
     floor: float = 0.3
     gain: float = 0.2
-    loss: float = 0.3
+    loss: float = 0.35
     jump: float = 0.5
-    relative: float = 1.0
+    spread: float = 1.5
+    min_spread: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("prior", "floor", "gain", "loss", "jump", "relative"):
+        for name in ("prior", "floor", "gain", "loss", "jump", "min_spread"):
             _check_unit(name, getattr(self, name))
-        if self.gain == 0.0 or self.loss == 0.0 or self.relative == 0.0:
-            raise ValueError("gain, loss and relative must be positive")
+        if self.gain == 0.0 or self.loss == 0.0 or self.min_spread == 0.0:
+            raise ValueError("gain, loss and min_spread must be positive")
+        if not (_is_real(self.spread) and math.isfinite(self.spread) and self.spread > 0):
+            raise ValueError(f"spread must be a positive number; got {self.spread!r}")
 
 
 def trust_round_scores(
@@ -305,13 +315,15 @@ def trust_round_scores(
     penalties: npt.ArrayLike,
     config: TrustReputationConfig,
 ) -> dict[CustomerId, float]:
-    """Score each update in [0, 1] from its cosine to the server's reference update.
+    """Score each update in [0, 1] from its cosine to the server's reference update, relative to
+    the round's cohort (see ``TrustReputationConfig.spread``).
 
     ``cosines`` are ``DefendedResult.cosine``; ``penalties`` the product of the similarity and
-    clipping penalties (``similarity_penalty * clip_scale``): a duplicate or an oversized update
-    scores little whatever its direction. A zero update (cosine 0 by definition) scores 0.
-    When the median cosine is not positive (most updates point away from the reference) the
-    scale falls back to 0.05.
+    clipping penalties (``similarity_penalty * clip_scale``): a duplicate, a member of a group of
+    near-copies or an oversized update scores little whatever its direction. A zero update
+    (cosine 0 by definition) scores 0. The same score pays the round's rewards
+    (``contribution_rewards``), so an update that looks worse than the ordinary honest one earns
+    less, and one far below it nothing.
     """
     c = np.asarray(cosines, dtype=np.float64)
     p = np.asarray(penalties, dtype=np.float64)
@@ -321,10 +333,14 @@ def trust_round_scores(
         raise ValueError("customer ids are not unique")
     if not (np.isfinite(c).all() and (np.abs(c) <= 1).all() and np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
         raise ValueError("cosines must be in [-1, 1] and penalties in [0, 1]")
-    median = float(np.median(c)) if c.size else 0.0
-    a = config.relative * median if median > 0 else 0.05
-    scores = np.clip((c + a) / (2 * a), 0.0, 1.0) * p
+    if c.size == 0:
+        return {}
+    median = float(np.median(c))
+    deviation = max(1.4826 * float(np.median(np.abs(c - median))), config.min_spread)
+    z = (c - median) / deviation
+    scores = np.clip(1.0 + z / config.spread, 0.0, 1.0) * p
     scores[c == 0.0] = 0.0  # a zero update (free rider) is worth nothing
+    scores = np.round(scores, 12)  # replayable: the last bits of a BLAS cosine do not reach the ledger
     return {cid: float(s) for cid, s in zip(customer_ids, scores, strict=True)}
 
 
@@ -358,8 +374,10 @@ def contribution_rewards(
 ) -> dict[CustomerId, int]:
     """Pay for useful work: shares of ``pool`` proportional to value x standing x sample count.
 
-    ``values`` are the defences' measured values (0 for a zero, reversed, duplicated or random
-    update), ``samples`` the (device-signed) sample counts. Splitting an identity gains nothing:
+    ``values`` are the round's measured values in [0, 1] (the coordinator pays by the trust score
+    of ``trust_round_scores``: 0 for a zero, reversed, duplicated, grouped or random update, and for
+    one far less aligned with the reference than the round's honest cohort), ``samples`` the
+    device-signed sample counts (an update's count must match its device's receipt). Splitting an identity gains nothing:
     the halves' sample counts add up to the whole, each half starts on probation, and two halves
     that send the same update are down-weighted as too similar. When nobody did useful work the
     pool is not paid (every share 0) and stays for later rounds.

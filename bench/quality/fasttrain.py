@@ -136,3 +136,69 @@ def train_keras_legacy(global_weights: Sequence[np.ndarray], data: CustomerData,
     )
     model.fit(data.features, data.labels, epochs=spec.local_epochs, batch_size=32, shuffle=True, verbose=0)
     return [np.asarray(w, dtype=np.float32) for w in model.get_weights()]
+
+
+def train_many(
+    global_weights: Sequence[np.ndarray], jobs: Sequence[tuple[np.ndarray, np.ndarray, int]], spec: TaskSpec
+) -> list[list[np.ndarray]]:
+    """``train_numpy`` for several customers of one round at once: (features, labels, seed) each.
+
+    For the Adam fallback, customers with the same sample count are trained together as one
+    stacked (batched-matmul) computation: the same minibatch Adam, step for step, with each
+    customer's own shuffling stream (so results match ``train_numpy_sgd`` to float rounding; BLAS
+    may sum a batched product in another order). A bench-only speed-up: the Python overhead of
+    thousands of tiny steps per run is paid once per group instead of once per customer.
+    """
+    if statistics_head_fits(spec):
+        return [train_numpy(global_weights, CustomerData(np.arange(len(y), dtype=np.uint64), x, y), spec, s) for x, y, s in jobs]
+    check_back_weights(global_weights, spec)
+    out: list[list[np.ndarray] | None] = [None] * len(jobs)
+    groups: dict[int, list[int]] = {}
+    for j, (_, y, _) in enumerate(jobs):
+        if len(y) == 0:
+            raise ValueError("no samples to train on")
+        groups.setdefault(len(y), []).append(j)
+    for n, members in sorted(groups.items()):
+        trained = _adam_stacked(global_weights, [jobs[j] for j in members], n, spec)
+        for j, w in zip(members, trained, strict=True):
+            out[j] = w
+    return [w for w in out if w is not None]
+
+
+def _adam_stacked(global_weights: Sequence[np.ndarray], jobs: Sequence[tuple[np.ndarray, np.ndarray, int]], n: int, spec: TaskSpec) -> list[list[np.ndarray]]:
+    from coordinator.reference import BATCH
+
+    k = len(jobs)
+    xs = np.stack([np.asarray(x, np.float32) for x, _, _ in jobs])  # (k, n, d)
+    ys = np.stack([np.asarray(y, np.int64) for _, y, _ in jobs])  # (k, n)
+    rngs = [np.random.default_rng(s) for _, _, s in jobs]
+    params = [np.repeat(np.array(w, dtype=np.float32)[None], k, axis=0) for w in global_weights]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    lr = np.float32(spec.learning_rate)
+    rows = np.arange(k)[:, None]
+    step = 0
+    for _ in range(spec.local_epochs):
+        orders = np.stack([r.permutation(n) for r in rngs])  # (k, n): each customer's own shuffle
+        for start in range(0, n, BATCH):
+            idx = orders[:, start : start + BATCH]
+            b = idx.shape[1]
+            x, y = xs[rows, idx], ys[rows, idx]  # (k, b, d), (k, b)
+            w1, b1, w2, b2 = params
+            pre = np.matmul(x, w1) + b1[:, None, :]
+            h = np.maximum(pre, 0.0)
+            logits = np.matmul(h, w2) + b2[:, None, :]
+            logits = logits - logits.max(axis=2, keepdims=True)
+            p = np.exp(logits)
+            p /= p.sum(axis=2, keepdims=True)
+            p[rows, np.arange(b)[None, :], y] -= 1.0
+            g_logits = p / b
+            g_h = np.matmul(g_logits, np.swapaxes(w2, 1, 2)) * (pre > 0)
+            grads = (np.matmul(np.swapaxes(x, 1, 2), g_h), g_h.sum(axis=1), np.matmul(np.swapaxes(h, 1, 2), g_logits), g_logits.sum(axis=1))
+            step += 1
+            alpha = lr * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step)
+            for i, g in enumerate(grads):
+                m[i] += (g - m[i]) * (1 - BETA_1)
+                v[i] += (g * g - v[i]) * (1 - BETA_2)
+                params[i] -= (m[i] * alpha / (np.sqrt(v[i]) + EPSILON)).astype(np.float32)
+    return [[p[j].astype(np.float32) for p in params] for j in range(k)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -123,15 +125,36 @@ def test_guard_refuses_a_clearly_worse_model_only() -> None:
 # --------------------------------------------------------------------------- reputation and rewards
 
 
-def test_scores_from_the_trust_signal() -> None:
+def test_scores_from_the_trust_signal_relative_to_the_cohort() -> None:
     cfg = TrustReputationConfig()
-    cos = np.array([0.1, 0.12, 0.08, 0.1, -0.1, 0.0, 0.1])
-    pen = np.array([1, 1, 1, 1, 1, 1, 0.0])  # the last is a duplicate
-    s = trust_round_scores([f"c{i}" for i in range(7)], cos, pen, cfg)
-    assert s["c1"] == 1.0 and s["c0"] == 1.0 and s["c2"] == pytest.approx(0.9)
+    cos = np.array([0.1, 0.12, 0.08, 0.1, -0.1, 0.0, 0.1, 0.11, 0.09])
+    pen = np.array([1, 1, 1, 1, 1, 1, 0.0, 1, 1])  # c6 is a duplicate
+    s = trust_round_scores([f"c{i}" for i in range(9)], cos, pen, cfg)
+    assert s["c1"] == 1.0 and s["c0"] == 1.0  # at or above the cohort's median
+    # median 0.1, robust deviation max(1.4826 * 0.01, 0.02) = 0.02: 0.08 is one deviation below
+    assert s["c2"] == pytest.approx(1 - 1 / cfg.spread)
     assert s["c4"] == 0.0  # reversed
     assert s["c5"] == 0.0  # a zero update
     assert s["c6"] == 0.0  # duplicate
+    # late in a task every cosine is small: the same relative position scores the same
+    late = trust_round_scores([f"c{i}" for i in range(9)], cos / 4, pen, replace(cfg, min_spread=0.005))
+    assert late["c2"] == pytest.approx(s["c2"]) and late["c4"] == 0.0
+    with pytest.raises(ValueError):
+        TrustReputationConfig(spread=0.0)
+
+
+def test_a_jittered_group_is_down_weighted_an_honest_neighbour_is_pardoned() -> None:
+    """'A little is enough' with each attacker's own noise (Baruch et al. 2019): no two updates are
+    duplicates, but each member has several close neighbours; honest updates do not."""
+    base, ref, honest = _world(honest=14)
+    rng = np.random.default_rng(5)
+    centre = [np.mean([u[j] for u in honest], axis=0) for j in range(4)]
+    spread = [np.std([u[j] for u in honest], axis=0) for j in range(4)]
+    group = [[(c - 1.0 * sd + 0.6 * sd * rng.standard_normal(sd.shape)).astype(np.float32) for c, sd in zip(centre, spread)] for _ in range(6)]
+    d = defend(base, honest + group, [1] * 20, ref, [1.0] * 20, DefenceConfig())
+    assert (d.similarity[14:] < DefenceConfig().similarity_threshold).all()  # not duplicates
+    assert (d.group_similarity[14:] >= DefenceConfig().group_full).all() and (d.weight[14:] == 0).all()
+    assert (d.similarity_penalty[:14] > 0).all()
 
 
 def test_reputation_earned_slowly_lost_fast_sudden_change_noticed() -> None:
@@ -169,3 +192,16 @@ def test_rewards_pay_for_value_and_splitting_gains_nothing() -> None:
     assert split["honest_a"] + split["honest_b"] <= pay["honest"]
     # nobody useful: nothing is paid, the pool stays
     assert contribution_rewards(pool, {"a": 0.0}, {"a": 1.0}, {"a": 10}) == {"a": 0}
+
+
+def test_alike_honest_updates_are_not_taken_for_a_group() -> None:
+    """Little noise, much data: every honest update is close to every other. The group penalty is
+    relative to the round's median, so nobody loses weight for agreeing with everyone."""
+    rng = np.random.default_rng(2)
+    base = _model(rng)
+    direction = [rng.normal(0, 0.1, s) for s in SHAPES]
+    ref = [(b + d).astype(np.float32) for b, d in zip(base, direction)]
+    honest = [[(b + d * rng.uniform(0.8, 1.2) + rng.normal(0, 0.03, s)).astype(np.float32) for b, d, s in zip(base, direction, SHAPES)] for _ in range(10)]
+    d = defend(base, honest, [1] * 10, ref, [1.0] * 10, DefenceConfig())
+    assert (d.group_similarity > DefenceConfig().group_full).all()  # alike by the absolute threshold
+    assert (d.similarity_penalty == 1.0).all() and len(d.admitted) == 10
