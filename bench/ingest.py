@@ -63,7 +63,8 @@ def envelope(edge: Identity, device: Identity, seq: int, round_: int, samples: i
     feats = rng.random((samples, spec.feature_dim), dtype=np.float32)
     labels = rng.integers(0, spec.num_classes, samples).astype(np.int8)
     b = with_receipt(FeatureBatch(spec.task_id, round_, ids, feats, labels, spec.epsilon, spec.clip_l1), device, edge.node_id, history)
-    return Incoming(feature_topic(short_id(edge.node_id), short_id(device.node_id)), seal(CODEC.encode(b), device, seq, edge.public), False)
+    topic = feature_topic(short_id(edge.node_id), short_id(device.node_id))
+    return Incoming(topic, seal(CODEC.encode(b), device, seq, edge.public, context=topic.encode()), False)
 
 
 def make_envelopes(edge: Identity, devices: list[Identity], n: int, samples: int, spec) -> list[Incoming]:  # type: ignore[no-untyped-def]

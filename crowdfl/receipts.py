@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -75,6 +76,18 @@ def batch_digest(batch: FeatureBatch) -> bytes:
     return hashlib.sha256(CODEC.encode(dataclasses.replace(batch, receipt=b""))).digest()
 
 
+def batch_digest_of_encoding(encoding: bytes, receipt_len: int) -> bytes:
+    """:func:`batch_digest` from the batch's own encoding, without encoding it again: the receipt is
+    the encoding's last field (u32 length + bytes), so the digest is over the encoding with that
+    field emptied. ``receipt_len`` is the decoded receipt's length (the decoder checked the layout)."""
+    cut = len(encoding) - receipt_len - 4
+    if cut < 0 or encoding[cut : cut + 4] != struct.pack("<I", receipt_len):
+        raise WireError("malformed", "the encoding does not end with a receipt of that length")
+    h = hashlib.sha256(memoryview(encoding)[:cut])
+    h.update(b"\x00\x00\x00\x00")
+    return h.digest()
+
+
 def batches_root(digests: Sequence[bytes]) -> str:
     """Root over the batch digests, sorted (so arrival order does not matter)."""
     return merkle_root(sorted(digests)).hex()
@@ -97,21 +110,34 @@ def sign_receipt(receipt: ContributionReceipt, identity: Identity) -> SignedRece
     return SignedReceipt(receipt, body + identity.sign(_DOMAIN + body))
 
 
-def open_receipt(raw: bytes) -> SignedReceipt:
-    """Decode and verify a signed receipt against the key it names; raises WireError."""
+def decode_receipt(raw: bytes) -> SignedReceipt:
+    """Decode a signed receipt and check its fields, NOT its signature; raises WireError.
+
+    The edge's ingest does only this (a channel envelope already shows the device or the edge
+    made the batch); the signature is checked once per device and round, on the receipt the edge
+    puts in its update (:func:`open_receipt`), and again by the coordinator and the audit."""
     if not isinstance(raw, (bytes, bytearray)) or len(raw) <= SIGNATURE_BYTES:
         raise WireError("bad_receipt", "missing or truncated contribution receipt")
-    body, sig = bytes(raw[:-SIGNATURE_BYTES]), bytes(raw[-SIGNATURE_BYTES:])
-    receipt = RECEIPT_CODEC.decode(body, ContributionReceipt)
+    try:
+        receipt = RECEIPT_CODEC.decode(memoryview(raw)[:-SIGNATURE_BYTES], ContributionReceipt)
+    except WireError as exc:
+        raise WireError("bad_receipt", f"receipt does not decode: {exc.code}: {exc.detail}") from None
     try:
         check_receipt_fields(receipt)
     except ValueError as exc:
         raise WireError("bad_receipt", str(exc)) from None
+    return SignedReceipt(receipt, bytes(raw))
+
+
+def open_receipt(raw: bytes) -> SignedReceipt:
+    """Decode and verify a signed receipt against the key it names; raises WireError."""
+    signed = decode_receipt(raw)
+    body, sig, receipt = signed.raw[:-SIGNATURE_BYTES], signed.raw[-SIGNATURE_BYTES:], signed.receipt
     try:
         Verifier(bytes.fromhex(receipt.device)).verify(_DOMAIN + body, sig)
     except ValueError:
         raise WireError("bad_receipt", "receipt signature does not verify under the device's key") from None
-    return SignedReceipt(receipt, bytes(raw))
+    return signed
 
 
 def check_receipt_fields(r: ContributionReceipt) -> None:
