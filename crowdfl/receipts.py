@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .wire import Codec
 SIGNATURE_BYTES = 64
 # domain separation: a receipt signature can never be mistaken for an envelope signature
 _DOMAIN = b"crowdfl-contribution-receipt-v1\x00"
+_HEX64 = re.compile("[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,8 +144,7 @@ def open_receipt(raw: bytes) -> SignedReceipt:
 
 def check_receipt_fields(r: ContributionReceipt) -> None:
     for name in ("task_id", "device", "edge", "batches_root"):
-        value = getattr(r, name)
-        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        if not _HEX64.fullmatch(getattr(r, name)):
             raise ValueError(f"receipt.{name} must be 64 lowercase hex characters")
     if not 1 <= r.round <= 2**31 - 1:
         raise ValueError("receipt.round must be a positive 32-bit integer")

@@ -78,6 +78,10 @@ class _Writer:
         self.parts.append(struct.pack("<I", n))
 
 
+# the fixed-size fields, compiled once (struct.unpack would parse the format on every call)
+_STRUCTS: dict[str, struct.Struct] = {fmt: struct.Struct(fmt) for fmt in ("<B", "<I", "<q", "<d")}
+
+
 class _Reader:
     def __init__(self, data: bytes | memoryview, limits: Limits) -> None:
         self.view = memoryview(data)
@@ -92,8 +96,13 @@ class _Reader:
         return out
 
     def unpack(self, fmt: str, what: str) -> Any:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.take(size, what))[0]
+        s = _STRUCTS.get(fmt) or struct.Struct(fmt)
+        end = self.pos + s.size
+        if end > len(self.view):
+            raise WireError("truncated", f"{what}: need {s.size} bytes at offset {self.pos}, have {len(self.view) - self.pos}")
+        value = s.unpack_from(self.view, self.pos)[0]
+        self.pos = end
+        return value
 
     def count(self, what: str, limit: int) -> int:
         n = int(self.unpack("<I", what))

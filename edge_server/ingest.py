@@ -93,7 +93,8 @@ def validate_batch(batch: FeatureBatch, spec: TaskSpec) -> None:
         raise WireError("bad_round", f"round {batch.round} outside 1..{spec.rounds}")
     if batch.epsilon != spec.epsilon or batch.clip_l1 != spec.clip_l1:
         raise WireError("privacy_mismatch", f"epsilon {batch.epsilon} / clip {batch.clip_l1} differ from the task's")
-    if len(np.unique(batch.sample_ids)) != n or int(batch.sample_ids.max()) >= 2**63:
+    ordered = np.sort(batch.sample_ids)
+    if (ordered[1:] == ordered[:-1]).any() or int(ordered[-1]) >= 2**63:
         raise WireError("bad_ids", "sample ids must be unique and below 2^63")
     if not np.isfinite(batch.features).all():
         raise WireError("non_finite", "features contain NaN or Inf")
@@ -213,7 +214,7 @@ class Ingestor:
     def _channel(self, sender: PublicIdentity) -> Channel:
         """The device's channel: one X25519 + HKDF on its first message, then kept."""
         channel = self._channels.get(sender.node_id)
-        if channel is None or channel.device != sender:
+        if channel is None:  # refresh_devices drops the channels of devices whose keys changed
             channel = self._channels[sender.node_id] = Channel.of_edge(self.identity, sender)
         return channel
 
@@ -296,10 +297,11 @@ class Ingestor:
                 validate_batch(batch, spec)
                 receipt = check_batch_receipt(batch, sealed.sender_id, self.identity.node_id)
                 owner = (sealed.sender_id, batch.task_id)
-                ids = batch.sample_ids.tolist()
-                if self.store.any_released(sealed.sender_id, batch.task_id, batch.sample_ids) or not drain_ids.get(
-                    owner, set()
-                ).isdisjoint(ids):
+                earlier = drain_ids.get(owner)
+                ids = batch.sample_ids.tolist() if earlier is not None else None
+                if self.store.any_released(sealed.sender_id, batch.task_id, batch.sample_ids) or (
+                    earlier is not None and not earlier.isdisjoint(ids)  # type: ignore[arg-type]
+                ):
                     raise WireError("sample_reuse", "a sample id was already received from this device")
             except WireError as exc:
                 rejections.append((exc.code, exc.detail, m.topic))
@@ -307,7 +309,7 @@ class Ingestor:
                     nacks.setdefault(sealed.sender_id, []).append((sealed.seq, exc.code))
                 continue
             this_drain[key] = sealed.digest
-            drain_ids.setdefault(owner, set()).update(ids)
+            drain_ids.setdefault(owner, set()).update(batch.sample_ids.tolist() if ids is None else ids)
             accepted.append(
                 AcceptedBatch(
                     sealed.sender_id, sealed.seq, sealed.digest, batch.task_id, batch.round, batch.sample_ids, batch.features,

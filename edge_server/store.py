@@ -157,25 +157,33 @@ class CustomerData:
 def make_engine(url: str) -> Engine:
     return serving.make_engine(url, Base.metadata)
 
+def _hits(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` are in the sorted array (a binary search each)."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[pos] == ids
+
+
 class _SampleIndex:
     """Sample ids already stored, per (device, task), loaded from the batches on first use.
 
     Only the ingest thread writes batches, so this index and the database agree as long as it is
     extended after a commit (never before: a rolled-back drain must leave no trace). Ids live in a
-    sorted uint64 array (8 bytes each) plus a small set of recent ones merged in now and then, so
-    a check costs a binary search and an insert stays amortised O(batch).
+    large sorted uint64 array plus a small sorted one of recent ids that is merged in now and then,
+    so a check costs two binary searches and an insert stays amortised O(batch), all in numpy.
     """
 
     def __init__(self, load: Callable[[str, str], np.ndarray]) -> None:
         self._load = load
         self._sorted: dict[tuple[str, str], np.ndarray] = {}
-        self._recent: dict[tuple[str, str], set[int]] = {}
+        self._recent: dict[tuple[str, str], np.ndarray] = {}
         self._lock = threading.Lock()
 
     def _ensure(self, key: tuple[str, str]) -> None:
         if key not in self._sorted:
             self._sorted[key] = np.unique(self._load(*key))
-            self._recent[key] = set()
+            self._recent[key] = np.zeros(0, np.uint64)
 
     def seen(self, device: str, task_id: str, ids: np.ndarray) -> np.ndarray:
         """A boolean mask: which of ``ids`` are stored already."""
@@ -183,35 +191,23 @@ class _SampleIndex:
         ids = np.asarray(ids, dtype=np.uint64)
         with self._lock:
             self._ensure(key)
-            stored, recent = self._sorted[key], self._recent[key]
-            pos = np.searchsorted(stored, ids)
-            mask = (pos < len(stored)) & (stored[np.minimum(pos, max(len(stored) - 1, 0))] == ids) if len(stored) else np.zeros(len(ids), bool)
-            if recent:
-                mask |= np.fromiter((int(x) in recent for x in ids.tolist()), bool, len(ids))
-            return mask
+            return _hits(self._sorted[key], ids) | _hits(self._recent[key], ids)
 
     def any_seen(self, device: str, task_id: str, ids: np.ndarray) -> bool:
-        key = (device, task_id)
-        with self._lock:
-            self._ensure(key)
-            stored, recent = self._sorted[key], self._recent[key]
-            if len(stored):
-                pos = np.minimum(np.searchsorted(stored, ids), len(stored) - 1)
-                if bool((stored[pos] == ids).any()):
-                    return True
-            return bool(recent) and not recent.isdisjoint(ids.tolist())
+        return bool(self.seen(device, task_id, ids).any())
 
     def extend(self, device: str, task_id: str, new_ids: np.ndarray) -> None:
         key = (device, task_id)
         with self._lock:
             if key not in self._sorted:
                 return  # loaded from the database (which has them now) when first needed
-            recent = self._recent[key]
-            recent.update(np.asarray(new_ids, dtype=np.uint64).tolist())
+            # the new ids were checked against both arrays before they were stored: concatenating and
+            # sorting is the union (np.union1d would hash them again)
+            recent = np.sort(np.concatenate([self._recent[key], np.asarray(new_ids, dtype=np.uint64)]))
             if len(recent) > max(4096, len(self._sorted[key]) // 4):
-                merged = np.fromiter(recent, np.uint64, len(recent))
-                self._sorted[key] = np.union1d(self._sorted[key], merged)
-                recent.clear()
+                self._sorted[key] = np.sort(np.concatenate([self._sorted[key], recent]))
+                recent = np.zeros(0, np.uint64)
+            self._recent[key] = recent
 
     def clear(self) -> None:
         with self._lock:
