@@ -92,7 +92,7 @@ class Sealed:
     def header(self) -> bytes:
         return self.raw[:HEADER_SIZE]
 
-    @property
+    @cached_property
     def sender_id(self) -> str:
         return self.sender_key.hex()
 

@@ -71,3 +71,20 @@ def test_decode_receipt_checks_fields_but_not_the_signature() -> None:
         open_receipt(bytes(raw))
     with pytest.raises(WireError, match="bad_receipt"):
         decode_receipt(bytes(raw[:30]) + bytes(64))
+
+
+def test_the_fixed_layout_fast_path_decodes_as_the_codec_does() -> None:
+    from crowdfl.receipts import RECEIPT_CODEC, ContributionReceipt, _decode_fixed, decode_receipt
+
+    device = Identity.generate()
+    raw = with_receipt(_batch(2, 3), device, "cd" * 32).receipt
+    body = memoryview(raw)[:-64]
+    fast = _decode_fixed(body)
+    slow = RECEIPT_CODEC.decode(body, ContributionReceipt)
+    assert fast is not None and dataclasses.asdict(fast) == dataclasses.asdict(slow)
+    assert decode_receipt(raw).receipt.batches_root == slow.batches_root
+    # a layout it does not take (a 63-character field) is left to the codec, which names the error
+    odd = RECEIPT_CODEC.encode(dataclasses.replace(slow, edge="c" * 63))
+    assert _decode_fixed(memoryview(odd)) is None
+    with pytest.raises(WireError, match="bad_receipt"):
+        decode_receipt(odd + bytes(64))
