@@ -192,7 +192,8 @@ class _SampleIndex:
 
     def _ensure(self, key: tuple[str, str]) -> None:
         if key not in self._sorted:
-            self._sorted[key] = np.unique(self._load(*key))
+            ids = np.sort(self._load(*key))  # sort + adjacent compare: np.unique would import numpy.ma
+            self._sorted[key] = ids[np.concatenate(([True], ids[1:] != ids[:-1]))] if len(ids) else ids
             self._recent[key] = np.zeros(0, np.uint64)
 
     def seen(self, device: str, task_id: str, ids: np.ndarray) -> np.ndarray:
