@@ -175,6 +175,13 @@ def _hits(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return sorted_ids[pos] == ids
 
 
+def _merged(sorted_ids: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Two sorted arrays of distinct ids as one; a device's ids mostly grow, so usually an append."""
+    if not len(sorted_ids) or not len(new) or new[0] > sorted_ids[-1]:
+        return np.concatenate([sorted_ids, new])
+    return np.insert(sorted_ids, np.searchsorted(sorted_ids, new), new)
+
+
 class _SampleIndex:
     """Sample ids already stored, per (device, task), loaded from the batches on first use.
 
@@ -212,11 +219,11 @@ class _SampleIndex:
         with self._lock:
             if key not in self._sorted:
                 return  # loaded from the database (which has them now) when first needed
-            # the new ids were checked against both arrays before they were stored: concatenating and
-            # sorting is the union (np.union1d would hash them again)
-            recent = np.sort(np.concatenate([self._recent[key], np.asarray(new_ids, dtype=np.uint64)]))
+            # the new ids were checked against both arrays before they were stored: merging them in
+            # is the union (np.union1d would sort and hash everything again)
+            recent = _merged(self._recent[key], np.sort(np.asarray(new_ids, dtype=np.uint64)))
             if len(recent) > max(4096, len(self._sorted[key]) // 4):
-                self._sorted[key] = np.sort(np.concatenate([self._sorted[key], recent]))
+                self._sorted[key] = _merged(self._sorted[key], recent)
                 recent = np.zeros(0, np.uint64)
             self._recent[key] = recent
 
@@ -224,6 +231,13 @@ class _SampleIndex:
         with self._lock:
             self._sorted.clear()
             self._recent.clear()
+
+
+# the batches columns persist() writes, in its row order
+_BATCH_COLUMNS = (
+    "device", "seq", "digest", "task_id", "round", "samples", "sample_ids", "features", "labels", "received_at",
+    "batch_digest", "receipt",
+)
 
 
 def _clean(text: str, limit: int) -> str:
@@ -236,6 +250,11 @@ class EdgeStore:
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._index = _SampleIndex(self._load_sample_ids)
+        marker = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(self.engine.dialect.paramstyle)
+        self._insert_batches = (
+            f"INSERT INTO {BatchRow.__tablename__} ({', '.join(_BATCH_COLUMNS)}) VALUES ({', '.join([marker] * len(_BATCH_COLUMNS))})"
+            if marker else None
+        )
 
     @property
     def dialect(self) -> str:
@@ -338,14 +357,13 @@ class EdgeStore:
         """One transaction for a whole drain of the inbox (two bulk INSERTs, one commit)."""
         now = time.time()
         rows = [
-            {
-                "device": b.device, "seq": b.seq, "digest": b.digest, "task_id": b.task_id, "round": b.round,
-                "samples": len(b.sample_ids),
-                "sample_ids": np.ascontiguousarray(b.sample_ids, dtype="<u8").tobytes(),
-                "features": np.ascontiguousarray(b.features, dtype="<f4").tobytes(),
-                "labels": np.ascontiguousarray(b.labels, dtype="i1").tobytes(),
-                "received_at": now, "batch_digest": b.batch_digest, "receipt": b.receipt,
-            }
+            (
+                b.device, b.seq, b.digest, b.task_id, b.round, len(b.sample_ids),
+                np.ascontiguousarray(b.sample_ids, dtype="<u8").tobytes(),
+                np.ascontiguousarray(b.features, dtype="<f4").tobytes(),
+                np.ascontiguousarray(b.labels, dtype="i1").tobytes(),
+                now, b.batch_digest, b.receipt,
+            )
             for b in batches
         ]
         bad = [{"reason": _clean(r, 64), "detail": _clean(d, 500), "topic": _clean(t, 200), "at": now} for r, d, t in rejections]
@@ -353,9 +371,13 @@ class EdgeStore:
             return
         try:
             with self.sessions.begin() as s:
-                # Core executemany: the ORM's bulk path costs more than the INSERT itself here
                 if rows:
-                    s.execute(insert(BatchRow.__table__), rows)
+                    if self._insert_batches is not None:
+                        # the driver's executemany with positional rows: half the CPU of a Core
+                        # insert, which builds and processes a parameter dict per row
+                        s.connection().exec_driver_sql(self._insert_batches, rows)
+                    else:
+                        s.execute(insert(BatchRow.__table__), [dict(zip(_BATCH_COLUMNS, r)) for r in rows])
                 if bad:
                     s.execute(insert(RejectionRow.__table__), bad)
         except Exception:
