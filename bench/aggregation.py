@@ -5,6 +5,10 @@ Run in the Flower venv (bench/setup_flwr_venv.sh builds it):
     bench/.venv-flwr/bin/python bench/aggregation.py            # 1,000 x 100,000, 1-2 min
     bench/.venv-flwr/bin/python bench/aggregation.py --quick    # 200 x 20,000, seconds
 
+On a machine shared with other work, pin BLAS to one thread (``OPENBLAS_NUM_THREADS=1``, as the
+committed result was): OpenBLAS threads spin while they wait, and on an oversubscribed 2-core host
+that made Krum's Gram matrix 40 times slower (5.5 s instead of 0.12 s at n = 200).
+
 Figures go to bench/results/aggregation.json (``aggregation.quick.json`` for --quick).
 
 crowdfl's coordinator/aggregation.py is imported by path (it needs only numpy), so this venv
@@ -313,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(rows, version)
     figures = {
         "n": args.n, "params": args.params, "seed": args.seed, "repeat": args.repeat, "flwr": version,
+        # BLAS threads matter for Krum's Gram matrix: spinning BLAS threads on a busy 2-core host
+        # slow it many-fold, so the committed run pins one thread (OPENBLAS_NUM_THREADS=1)
+        "blas_threads_env": {v: os.environ[v] for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") if v in os.environ},
         "rows": [
             {"rule": r.rule, "n": r.n, "runs_each": r.repeat, "crowdfl_s": r.ours, "flower_s": r.flower,
              "crowdfl_median_s": r.ours_median, "flower_median_s": r.flower_median,
