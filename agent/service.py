@@ -240,7 +240,7 @@ class Agent:
         body = CODEC.encode(dataclasses.replace(batch, receipt=receipt.raw))
         topic = feature_topic(short_id(self.edge.node_id), self.short)
         seq = self.state.release(
-            spec.task_id, round_, chosen.ids, spec.epsilon, topic, lambda s: seal(body, self.identity, s, self.edge),
+            spec.task_id, round_, chosen.ids, spec.epsilon, topic, lambda s: seal(body, self.identity, s, self.edge, context=topic.encode()),
             spend=release_spend(chosen.ids, spec), caps=self.policy.caps,
             receipt=(digest, receipt.raw),
         )

@@ -5,6 +5,10 @@ Run in the Flower venv (bench/setup_flwr_venv.sh builds it):
     bench/.venv-flwr/bin/python bench/aggregation.py            # 1,000 x 100,000, 1-2 min
     bench/.venv-flwr/bin/python bench/aggregation.py --quick    # 200 x 20,000, seconds
 
+On a machine shared with other work, pin BLAS to one thread (``OPENBLAS_NUM_THREADS=1``, as the
+committed result was): OpenBLAS threads spin while they wait, and on an oversubscribed 2-core host
+that made Krum's Gram matrix 40 times slower (5.5 s instead of 0.12 s at n = 200).
+
 Figures go to bench/results/aggregation.json (``aggregation.quick.json`` for --quick).
 
 crowdfl's coordinator/aggregation.py is imported by path (it needs only numpy), so this venv
@@ -21,6 +25,7 @@ import gc
 import importlib.util
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,14 +91,28 @@ def make_workload(n: int, n_params: int, f: int, seed: int) -> Workload:
     return Workload(updates, samples, honest)
 
 
-def best_time(call: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    best, out = float("inf"), None
+def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    gc.collect()
+    start = time.perf_counter()
+    out = call()
+    return time.perf_counter() - start, out
+
+
+def paired_times(
+    ours: Callable[[], Any], theirs: Callable[[], Any] | None, repeat: int
+) -> tuple[list[float], Any, list[float], Any]:
+    """Both sides run ``repeat`` times, alternating (ours, theirs, ours, ...), so a load change
+    on a shared machine hits both alike; returns every time and each side's last output."""
+    t_ours: list[float] = []
+    t_theirs: list[float] = []
+    ours_out = theirs_out = None
     for _ in range(repeat):
-        gc.collect()
-        start = time.perf_counter()
-        out = call()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        t, ours_out = timed(ours)
+        t_ours.append(t)
+        if theirs is not None:
+            t, theirs_out = timed(theirs)
+            t_theirs.append(t)
+    return t_ours, ours_out, t_theirs, theirs_out
 
 
 def max_abs_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
@@ -112,10 +131,15 @@ def flower_krum_selection(flower: ModuleType, work: Workload, f: int, m: int) ->
 class Row:
     rule: str
     n: int
-    ours: float
+    ours: float  # best of `repeat`
     flower: float | None
     diff: float | None
     note: str
+    repeat: int = 1
+    ours_median: float = 0.0
+    flower_median: float | None = None
+    ours_times: tuple[float, ...] = ()
+    flower_times: tuple[float, ...] = ()
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -132,17 +156,20 @@ def run(args: argparse.Namespace) -> list[Row]:
         n: int,
         ours_call: Callable[[], Any],
         flower_call: Callable[[], Any] | None,
-        flower_repeat: int,
+        repeat: int,
         note: str = "",
     ) -> Any:
-        t_ours, ours_out = best_time(ours_call, args.repeat)
-        t_flower = diff = None
+        """Both sides get the same number of runs (``repeat``), interleaved."""
+        times, ours_out, flower_times, flower_out = paired_times(ours_call, flower_call, repeat)
+        t_ours, t_flower, diff = min(times), None, None
+        flower_median = None
         if flower_call is not None:
-            t_flower, flower_out = best_time(flower_call, flower_repeat)
+            t_flower, flower_median = min(flower_times), statistics.median(flower_times)
             diff = max_abs_diff(ours_out.weights, flower_out)
-        rows.append(Row(rule, n, t_ours, t_flower, diff, note))
-        shown = f"{t_flower:7.2f}s" if t_flower is not None else "      -"
-        print(f"  {rule:<20} n={n:<5} crowdfl {t_ours:7.2f}s  flower {shown}", flush=True)
+        rows.append(Row(rule, n, t_ours, t_flower, diff, note, repeat, statistics.median(times), flower_median,
+                        tuple(times), tuple(flower_times)))
+        shown = f"{t_flower:7.3f}s (median {flower_median:.3f})" if t_flower is not None else "      -"
+        print(f"  {rule:<20} n={n:<5} best of {repeat}: crowdfl {t_ours:7.3f}s (median {statistics.median(times):.3f})  flower {shown}", flush=True)
         return ours_out
 
     beta = args.beta
@@ -165,6 +192,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     ]
     for rule, ours_call, flower_call in simple:
         measure(rule, args.n, ours_call, flower_call, args.repeat)
+    # Flower's Krum is quadratic in Python (minutes at n = 1,000): one run each, for both sides
 
     # Flower's pairwise distances are a Python double loop over n^2 pairs: time a subset first.
     small_n = min(args.krum_small_n, args.n)
@@ -214,18 +242,19 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 def print_table(rows: list[Row], flower_version: str | None) -> None:
     print()
-    print("| rule | n | crowdfl (s) | Flower (s) | Flower / crowdfl | max abs diff | note |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| rule | n | runs each | crowdfl best (median) s | Flower best (median) s | Flower / crowdfl (best) | max abs diff | note |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        flower = f"{r.flower:.2f}" if r.flower is not None else "-"
+        flower = f"{r.flower:.3f} ({r.flower_median:.3f})" if r.flower is not None else "-"
         ratio = f"{r.flower / r.ours:.1f}x" if r.flower is not None else "-"
         diff = f"{r.diff:.2e}" if r.diff is not None else "-"
-        print(f"| {r.rule} | {r.n} | {r.ours:.2f} | {flower} | {ratio} | {diff} | {r.note} |")
+        print(f"| {r.rule} | {r.n} | {r.repeat} | {r.ours:.3f} ({r.ours_median:.3f}) | {flower} | {ratio} | {diff} | {r.note} |")
     print()
     print(
         "Flower / crowdfl > 1: crowdfl is faster. Flower's Krum computes all n^2 ordered pair\n"
         "distances in a Python loop (each pair twice), hence the quadratic growth; crowdfl uses\n"
-        "the Gram matrix. crowdfl's times include its validation and flattening."
+        "the Gram matrix. crowdfl's times include its validation and flattening. Both sides\n"
+        "run the same number of times, alternating."
     )
     print(
         f"flwr {flower_version or 'not installed'}, numpy {np.__version__}, "
@@ -254,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="number of updates (count)")
     parser.add_argument("--params", type=int, default=100_000, help="float32 parameters per update (count)")
     parser.add_argument("--beta", type=float, default=0.1, help="trimmed-mean cut per end (fraction of n)")
-    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs (count)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each side, interleaved, for the non-Krum rules (count)")
     parser.add_argument(
         "--krum-small-n",
         type=int,
@@ -288,8 +317,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(rows, version)
     figures = {
         "n": args.n, "params": args.params, "seed": args.seed, "repeat": args.repeat, "flwr": version,
+        # BLAS threads matter for Krum's Gram matrix: spinning BLAS threads on a busy 2-core host
+        # slow it many-fold, so the committed run pins one thread (OPENBLAS_NUM_THREADS=1)
+        "blas_threads_env": {v: os.environ[v] for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS") if v in os.environ},
         "rows": [
-            {"rule": r.rule, "n": r.n, "crowdfl_s": r.ours, "flower_s": r.flower, "max_abs_diff": r.diff, "note": r.note}
+            {"rule": r.rule, "n": r.n, "runs_each": r.repeat, "crowdfl_s": r.ours, "flower_s": r.flower,
+             "crowdfl_median_s": r.ours_median, "flower_median_s": r.flower_median,
+             "crowdfl_times_s": list(r.ours_times), "flower_times_s": list(r.flower_times),
+             "max_abs_diff": r.diff, "note": r.note}
             for r in rows
         ],
     }

@@ -12,12 +12,15 @@ persistent subscriber session, then that subscriber connects and drains the back
 
 * baseline: a plain paho subscriber that only counts messages (the most the broker and a Python
   client deliver on this machine);
-* crowdfl: the real EdgeServer (MqttLink -> drain -> Ingestor: parse, Ed25519 verify, dedupe,
-  X25519 + HKDF + AES-GCM decrypt, decode, validate, one SQLite transaction per drain, signed acks
-  published), timed until the last batch is committed.
+* crowdfl: the real EdgeServer (MqttLink -> drain -> Ingestor: parse, dedupe, open the channel
+  envelope (AES-GCM under the device's cached channel key), decode, validate, decode and bind the
+  receipt, one SQLite transaction per drain, signed acks published), timed until the last batch is
+  committed.
 
 Queueing first keeps the publishers' CPU out of both timings; both runs pay the same broker
-delivery (QoS 1, mosquitto's in-flight window). The figure is edge rate / raw rate.
+delivery (QoS 1, mosquitto's in-flight window). The figure is edge rate / raw rate; beside it, the
+CPU time of this process per message for both (the MQTT and ingest threads; inline only, since a
+worker pool's CPU is elsewhere), which a machine shared with other work distorts far less.
 
 Training: real per-customer TensorFlow training (EdgeServer.train_job: load the customer's
 samples, fit the dense layers from the global model, sign, save) for R rounds of
@@ -63,7 +66,8 @@ def envelope(edge: Identity, device: Identity, seq: int, round_: int, samples: i
     feats = rng.random((samples, spec.feature_dim), dtype=np.float32)
     labels = rng.integers(0, spec.num_classes, samples).astype(np.int8)
     b = with_receipt(FeatureBatch(spec.task_id, round_, ids, feats, labels, spec.epsilon, spec.clip_l1), device, edge.node_id, history)
-    return Incoming(feature_topic(short_id(edge.node_id), short_id(device.node_id)), seal(CODEC.encode(b), device, seq, edge.public), False)
+    topic = feature_topic(short_id(edge.node_id), short_id(device.node_id))
+    return Incoming(topic, seal(CODEC.encode(b), device, seq, edge.public, context=topic.encode()), False)
 
 
 def make_envelopes(edge: Identity, devices: list[Identity], n: int, samples: int, spec) -> list[Incoming]:  # type: ignore[no-untyped-def]
@@ -119,7 +123,8 @@ def publish_all(broker: MosquittoBroker, devices: list[Identity], msgs: list[Inc
         c.loop_stop()
 
 
-def raw_rate(broker: MosquittoBroker, edge_user: str, topic: str, devices: list[Identity], msgs: list[Incoming]) -> float:
+def raw_rate(broker: MosquittoBroker, edge_user: str, topic: str, devices: list[Identity], msgs: list[Incoming]) -> tuple[float, float]:
+    """(messages per second, CPU seconds of this process per message) for a plain subscriber."""
     client_id = "raw-subscriber"
     prepare_session(broker, edge_user, client_id, topic)
     publish_all(broker, devices, msgs)
@@ -134,16 +139,16 @@ def raw_rate(broker: MosquittoBroker, edge_user: str, topic: str, devices: list[
 
     c = _client(broker, edge_user, client_id, clean=False)
     c.on_message = on_message
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     c.connect(broker.host, broker.plain_port)
     c.loop_start()
     if not done.wait(600):
         raise RuntimeError(f"raw subscriber got {got}/{len(msgs)}")
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     c.disconnect()
     c.loop_stop()
     drop_session(broker, edge_user, client_id)
-    return len(msgs) / dt
+    return len(msgs) / dt, cpu / len(msgs)
 
 
 def edge_rate(broker: MosquittoBroker, edge: Identity, devices: list[Identity], msgs: list[Incoming], spec, workdir: Path, workers: int) -> tuple[float, dict]:  # type: ignore[no-untyped-def]
@@ -171,15 +176,17 @@ def edge_rate(broker: MosquittoBroker, edge: Identity, devices: list[Identity], 
 
         server.ingestor._pool = make_pool(workers)
         wait([server.ingestor._pool.submit(abs, 0) for _ in range(workers)])
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     server.start()
     deadline = time.monotonic() + 900
     while server.ingestor.stats.accepted + sum(server.ingestor.stats.rejected.values()) < len(msgs):
         if time.monotonic() > deadline:
             raise RuntimeError(f"edge accepted {server.ingestor.stats.accepted}/{len(msgs)}")
         time.sleep(0.005)
-    dt = time.perf_counter() - t0
-    stats = {"accepted": server.ingestor.stats.accepted, "rejected": dict(server.ingestor.stats.rejected), "drains": getattr(server.ingestor.stats, "drains", None)}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    # CPU of this process (MQTT thread + ingest thread); a worker pool's processes are not in it
+    stats = {"accepted": server.ingestor.stats.accepted, "rejected": dict(server.ingestor.stats.rejected), "drains": getattr(server.ingestor.stats, "drains", None),
+             "cpu_us_per_msg_this_process": cpu / len(msgs) * 1e6}
     server.stop()
     drop_session(broker, short, client_id)
     return len(msgs) / dt, stats
@@ -278,20 +285,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {args.messages} FeatureBatch envelopes of {args.samples} samples ({size} bytes each) from {args.devices} devices, QoS 1, mosquitto")
             # the raw rate is measured before, between and after the edge runs: on a shared machine the
             # load drifts, and the ratio uses their median
-            raws = [raw_rate(broker, short_id(edge.node_id), topic, devices, msgs)]
+            raw_runs = [raw_rate(broker, short_id(edge.node_id), topic, devices, msgs)]
             results = []
             for w in [int(x) for x in args.workers.split(",")]:
                 results.append((w, *edge_rate(broker, edge, devices, msgs, spec, work, w)))
-                raws.append(raw_rate(broker, short_id(edge.node_id), topic, devices, msgs))
+                raw_runs.append(raw_rate(broker, short_id(edge.node_id), topic, devices, msgs))
+            raws = [r for r, _ in raw_runs]
             raw = statistics.median(raws)
+            raw_cpu_us = statistics.median(c for _, c in raw_runs) * 1e6
             figures: dict[str, object] = {
                 "messages": args.messages, "samples_per_batch": args.samples, "devices": args.devices, "payload_bytes": size,
                 "raw_rates_msg_s": raws, "raw_median_msg_s": raw,
+                # CPU per message is what a loaded, shared machine does not distort: the wall rates
+                # depend on how much of the 2 cores the bench got; CPU per message does not
+                "raw_cpu_us_per_msg": [c * 1e6 for _, c in raw_runs], "raw_median_cpu_us_per_msg": raw_cpu_us,
+                "inline_cpu_ratio": next((raw_cpu_us / stats["cpu_us_per_msg_this_process"] for w, _, stats in results if w == 0), None),
                 "edge": {str(w): {"msg_s": ours, "ratio": ours / raw, "stats": stats} for w, ours, stats in results},
                 "best_edge_msg_s": max(ours for _, ours, _ in results),
                 "best_ratio": max(ours for _, ours, _ in results) / raw,
             }
-            print(f"  raw paho subscriber                 {raw:8.0f} msg/s  (median of {', '.join(f'{r:.0f}' for r in raws)})")
+            print(f"  raw paho subscriber                 {raw:8.0f} msg/s  (median of {', '.join(f'{r:.0f}' for r in raws)}); {raw_cpu_us:.0f} us CPU a message")
             for w, ours, stats in results:
                 print(f"  crowdfl edge ingest, {w} workers     {ours:8.0f} msg/s  ratio {ours / raw:.3f} (target >= 0.5); {stats}")
         if not args.no_train:

@@ -7,8 +7,10 @@ the arithmetic is vectorised, and hands back the same list-of-arrays layout.
 Output contract (the coordinator's audit re-runs a rule and compares `weights_digest`s):
 
 * every output layer has the dtype of that layer in the input (float32 in, float32 out);
-* all arithmetic is float64 (the input is widened exactly); the float64 result is then cast to
-  the layer dtype, rounding to nearest (ties to even), and -0.0 is normalised to +0.0;
+* the robust rules' arithmetic is float64 (the input is widened exactly); the float64 result is
+  then cast to the layer dtype, rounding to nearest (ties to even). FedAvg accumulates in each
+  layer's own dtype, in place and in index order (see `fedavg`: the speed of Flower's float32
+  FedAvg without its temporaries, its rounding fixed by the order). -0.0 is normalised to +0.0;
 * no BLAS call lies on the path of an output value: weighted means add the rows one at a time in
   ascending update index, and medians / trimmed means read sorted columns, so the weights are
   bit-for-bit the same on any IEEE-754 machine running the same numpy release. FedAvg and
@@ -109,32 +111,55 @@ class _Layout:
 def fedavg(updates: Sequence[Weights], num_samples: Sequence[int]) -> AggregationResult:
     """Sample-weighted mean of all updates (McMahan et al. 2017).
 
-    Streamed: no n x P copy of the updates (FedAvg needs no other update to score one), but the
-    same float64 additions in the same (index) order per parameter as `_weighted_mean`, so the
-    result is bit-for-bit what the matrix path gives and what the audit recomputes.
+    Each layer is accumulated in its own dtype (float32 for the models crowdfl trains):
+    ``acc += x_i * w_i`` with ``w_i = n_i / sum(n)`` worked out in float64 and rounded once to
+    the layer dtype, the updates added one whole layer at a time in ascending index order, in
+    place (no temporaries). Every step is an elementwise IEEE-754 operation in a fixed order, so
+    the result is bit-for-bit reproducible (what the audit's replay needs) and as fast as the
+    memory allows; the error is that of Flower's float32 FedAvg (a few ulps per update added).
+    Weights below 1 keep the running sum within the inputs' range; if a layer still overflows
+    its dtype while every input is finite, that layer is recomputed in float64 (deterministically,
+    so the replay takes the same branch).
     """
     layout = _check_layout(updates)
     counts = _check_samples(num_samples, len(updates))
-    rows = [[np.asarray(layer).reshape(-1) for layer in update] for update in updates]
-    flat = np.zeros(layout.offsets[-1], dtype=np.float64)
-    term = np.empty(_STREAM_BLOCK, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):  # non-finite input is named below
-        # a block of columns at a time, so the float64 sum and term stay in cache while every
-        # update's slice is read once; per parameter still update 0, 1, 2, ... in order
-        for j in range(len(layout.shapes)):
-            base, size = layout.offsets[j], layout.offsets[j + 1] - layout.offsets[j]
-            for start in range(0, size, _STREAM_BLOCK):
-                stop = min(start + _STREAM_BLOCK, size)
-                acc, t = flat[base + start : base + stop], term[: stop - start]
-                for i, row in enumerate(rows):
-                    t[...] = row[j][start:stop]  # exact widening to float64, then c * x exactly rounded once
-                    t *= counts[i]
-                    acc += t
-    if not np.isfinite(flat).all():
-        _raise_first_non_finite(updates)  # NaN/Inf in an update poisons the sum: say which one
-    flat /= math.fsum(counts)
+    total = math.fsum(counts)
+    share = counts / total  # float64, each rounded once
+    weights: list[np.ndarray] = []
+    for j, (shape, dtype) in enumerate(zip(layout.shapes, layout.dtypes)):
+        w = share.astype(dtype)
+        acc = np.zeros(math.prod(shape), dtype=dtype)
+        term = np.empty_like(acc)
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite input is named below
+            for i, update in enumerate(updates):
+                np.multiply(np.asarray(update[j]).reshape(-1), w[i], out=term)
+                np.add(acc, term, out=acc)
+        if not np.isfinite(acc).all():
+            acc = _fedavg_layer_float64(updates, j, counts, total).astype(dtype)
+        acc += 0.0  # -0.0 -> +0.0, so equal values hash equal
+        layer = acc.reshape(shape)
+        layer.flags.writeable = False
+        weights.append(layer)
     kept = tuple(range(len(updates)))
-    return _result(flat, layout, kept, None, AggregationRule.FEDAVG, {})
+    return AggregationResult(weights, kept, None, AggregationRule.FEDAVG.value, {})
+
+
+def _fedavg_layer_float64(updates: Sequence[Weights], j: int, counts: np.ndarray, total: float) -> np.ndarray:
+    """One layer's weighted mean with float64 sums of exact products: the fallback when the
+    layer's own dtype overflowed. Raises ValueError for non-finite input or a float64 overflow."""
+    size = math.prod(np.asarray(updates[0][j]).shape)
+    acc = np.zeros(size, dtype=np.float64)
+    term = np.empty(size, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, update in enumerate(updates):
+            term[...] = np.asarray(update[j]).reshape(-1)  # exact widening
+            term *= counts[i]
+            acc += term
+    if not np.isfinite(acc).all():
+        _raise_first_non_finite(updates)  # NaN/Inf in an update poisons the sum: say which one
+        raise ValueError("fedavg overflowed float64: the updates are too large")
+    acc /= total
+    return acc
 
 
 def multi_krum(
@@ -264,9 +289,6 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-_STREAM_BLOCK = 32768  # float64 columns per block of the streamed FedAvg (64 KiB: sum and term fit in L2)
 
 
 def _check_layout(updates: Sequence[Weights]) -> _Layout:

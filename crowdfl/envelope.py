@@ -1,19 +1,35 @@
-"""Signed and optionally encrypted envelopes around encoded messages.
+"""Envelopes around encoded messages: signed broadcasts, and device-to-edge channel messages.
 
-    envelope := header body signature
-    header   := b"CFEV" version(u8) flags(u8) sender_sign_key(32) seq(u64)
-                recipient_fingerprint(8) ephemeral_x25519(32) nonce(12) body_len(u32)
-    body     := AES-256-GCM(ciphertext || tag(16)) when encrypted, else the encoded message
-    signature:= Ed25519 over header || body (64)
+    envelope := header body [signature]
+    header   := b"CFEV" version(u8)=2 mode(u8) sender_sign_key(32) seq(u64)
+                recipient_fingerprint(8) nonce(12) body_len(u32)
+    mode 0, SIGNED:  body := the encoded message;  signature := Ed25519 over header || body (64)
+    mode 1, CHANNEL: body := AES-256-GCM(key, nonce, message, aad = header || context) (ciphertext
+                     || tag(16)); no signature
 
-Encryption is to the recipient's X25519 key with a fresh ephemeral key per envelope; the AES key
-is HKDF-SHA256 of the shared secret, salted with both public keys. The header is the GCM
-associated data, so no header byte can change without detection even before the signature is
-checked. ``seq`` is the sender's monotonically increasing counter: a receiver that keeps the
-(sender, seq) it accepted (the edge does, in its database) detects replays and takes resends once.
+SIGNED is for what many read and anyone must be able to check (tasks, round starts, acks, model
+updates). CHANNEL is for what one device sends its edge server (feature batches): the key is
+pairwise and static, from the two registered X25519 keys,
 
-Verification order (cheapest and least trusting first): size and layout, version, recipient,
-known sender, signature, decryption. Every failure raises :class:`WireError`.
+    key := HKDF-SHA256(X25519(device_enc, edge_enc), salt = empty,
+                       info = "crowdfl/v2 channel" || device_sign || device_enc || edge_sign || edge_enc)
+
+so opening one costs an AES-GCM pass and no public-key operation (the edge derives a device's key
+once and keeps it). The header (with ``seq`` and the random 96-bit nonce) and the ``context`` (the
+MQTT topic it is published on) are the associated data; the task and round are inside the
+authenticated ciphertext. What a channel tag proves is only that the device *or its edge* made the
+message: both hold the key. Non-repudiation comes from the device-signed contribution receipt
+(crowdfl/receipts.py) each batch carries, one signature per device per round, whose Merkle root
+commits to the batches; that receipt, not the envelope, is what ties stored samples to a device
+for anyone else (docs/architecture.md, "Who can forge what").
+
+``seq`` is the sender's monotonically increasing counter: the edge keeps the (sender, seq) it
+accepted (in its database), refuses a replay with other bytes and acknowledges a resend once more.
+
+Version 1 (an Ed25519 signature and a fresh X25519 exchange on every envelope) is retired: it is
+refused with ``retired_version`` (counted like every refusal). Verification order (cheapest and
+least trusting first): size and layout, version, mode, recipient, known sender, then the
+signature or the tag. Every failure raises :class:`WireError`.
 """
 
 from __future__ import annotations
@@ -22,28 +38,29 @@ import hashlib
 import secrets
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .errors import WireError
 from .identity import Identity, PublicIdentity
 
 ENV_MAGIC = b"CFEV"
-ENV_VERSION = 1
-FLAG_ENCRYPTED = 0x01
-_HEADER = struct.Struct("<4sBB32sQ8s32s12sI")
+ENV_VERSION = 2
+RETIRED_VERSIONS = frozenset({1})
+MODE_SIGNED = 0
+MODE_CHANNEL = 1
+_HEADER = struct.Struct("<4sBB32sQ8s12sI")
 HEADER_SIZE = _HEADER.size
 SIG_SIZE = 64
 TAG_SIZE = 16
+KEY_SIZE = 32
 MAX_ENVELOPE_BYTES = 32 * 1024 * 1024 + HEADER_SIZE + SIG_SIZE + TAG_SIZE
-_KDF_INFO = b"crowdfl/v1 envelope"
+_CHANNEL_INFO = b"crowdfl/v2 channel"
 
 
 def fingerprint(pub: PublicIdentity) -> bytes:
@@ -52,21 +69,20 @@ def fingerprint(pub: PublicIdentity) -> bytes:
 
 @dataclass(frozen=True)
 class Sealed:
-    """A parsed, not yet verified envelope."""
+    """A parsed, not yet authenticated envelope."""
 
     raw: bytes
-    flags: int
+    mode: int
     sender_key: bytes
     seq: int
     recipient_fp: bytes
-    ephemeral: bytes
     nonce: bytes
     body: bytes
-    signature: bytes
+    signature: bytes  # empty for a channel envelope
 
     @property
     def encrypted(self) -> bool:
-        return bool(self.flags & FLAG_ENCRYPTED)
+        return self.mode == MODE_CHANNEL
 
     @property
     def signed_part(self) -> bytes:
@@ -76,13 +92,13 @@ class Sealed:
     def header(self) -> bytes:
         return self.raw[:HEADER_SIZE]
 
-    @property
+    @cached_property
     def sender_id(self) -> str:
         return self.sender_key.hex()
 
     @cached_property
     def digest(self) -> str:
-        """sha256 of the whole envelope: the content address of what was signed (computed once)."""
+        """sha256 of the whole envelope: what the edge dedupes resends by (computed once)."""
         return hashlib.sha256(self.raw).hexdigest()
 
 
@@ -94,31 +110,80 @@ class Opened:
     digest: str
 
 
-def _aes_key(shared: bytes, ephemeral: bytes, recipient_enc: bytes) -> bytes:
-    """RFC 5869 HKDF-SHA256 (salt = both public keys, info = the protocol label)."""
-    return HKDF(algorithm=SHA256(), length=32, salt=ephemeral + recipient_enc, info=_KDF_INFO).derive(shared)
+def channel_key(device: PublicIdentity, edge: PublicIdentity, shared: bytes) -> bytes:
+    """RFC 5869 HKDF-SHA256 of the X25519 shared secret, bound to both parties' four public keys."""
+    info = _CHANNEL_INFO + device.sign_key + device.enc_key + edge.sign_key + edge.enc_key
+    return HKDF(algorithm=SHA256(), length=KEY_SIZE, salt=None, info=info).derive(shared)
 
 
-def seal(body: bytes, sender: Identity, seq: int, recipient: PublicIdentity | None = None) -> bytes:
-    """Sign (and, with a recipient, encrypt) an encoded message."""
+@dataclass(frozen=True)
+class Channel:
+    """The AEAD a device and its edge server share (derived once, then one AES-GCM per message)."""
+
+    device: PublicIdentity
+    edge: PublicIdentity
+    key: bytes = field(repr=False)
+
+    @classmethod
+    def of_device(cls, device: Identity, edge: PublicIdentity) -> Channel:
+        """The device's side: its X25519 key with the edge's public one."""
+        try:
+            shared = device.enc_private.exchange(edge.enc_public)
+        except ValueError as exc:  # a low-order point gives an all-zero secret
+            raise WireError("bad_key", f"edge encryption key unusable: {exc}") from None
+        return cls(device.public, edge, channel_key(device.public, edge, shared))
+
+    @classmethod
+    def of_edge(cls, edge: Identity, device: PublicIdentity) -> Channel:
+        """The edge's side: its X25519 key with the device's registered public one."""
+        try:
+            shared = edge.enc_private.exchange(device.enc_public)
+        except ValueError as exc:
+            raise WireError("bad_key", f"device encryption key unusable: {exc}") from None
+        return cls(device, edge.public, channel_key(device, edge.public, shared))
+
+    @cached_property
+    def aead(self) -> AESGCM:
+        return AESGCM(self.key)
+
+    @cached_property
+    def recipient_fp(self) -> bytes:
+        return fingerprint(self.edge)
+
+    def seal(self, body: bytes, seq: int, context: bytes = b"") -> bytes:
+        if not 0 <= seq < 2**64:
+            raise ValueError("seq must fit in 64 bits")
+        nonce = secrets.token_bytes(12)
+        header = _HEADER.pack(
+            ENV_MAGIC, ENV_VERSION, MODE_CHANNEL, self.device.sign_key, seq, self.recipient_fp, nonce, len(body) + TAG_SIZE
+        )
+        return header + self.aead.encrypt(nonce, body, header + context)
+
+    def open(self, sealed: Sealed, context: bytes = b"") -> bytes:
+        """Authenticate and decrypt; raises WireError("decrypt_failed") for any change in header,
+        context or body, or a key this channel does not hold."""
+        if sealed.mode != MODE_CHANNEL:
+            raise WireError("not_encrypted", "not a channel envelope")
+        if sealed.sender_key != self.device.sign_key:
+            raise WireError("unknown_sender", "envelope names another device than this channel's")
+        if sealed.recipient_fp != self.recipient_fp:
+            raise WireError("wrong_recipient", "envelope is encrypted to another key")
+        try:
+            return self.aead.decrypt(sealed.nonce, sealed.body, sealed.header + context)
+        except InvalidTag:
+            raise WireError("decrypt_failed", "authentication tag mismatch (tampered, another key or another topic)") from None
+
+
+def seal(body: bytes, sender: Identity, seq: int, recipient: PublicIdentity | None = None, *, context: bytes = b"") -> bytes:
+    """Sign an encoded message, or (with a recipient) seal it in the sender-recipient channel.
+
+    ``context`` (the MQTT topic) is bound into a channel envelope as associated data."""
+    if recipient is not None:
+        return Channel.of_device(sender, recipient).seal(body, seq, context)
     if not 0 <= seq < 2**64:
         raise ValueError("seq must fit in 64 bits")
-    if recipient is not None:
-        eph = X25519PrivateKey.generate()
-        eph_pub = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        key = _aes_key(eph.exchange(recipient.enc_public), eph_pub, recipient.enc_key)
-        nonce = secrets.token_bytes(12)
-        flags, fp = FLAG_ENCRYPTED, fingerprint(recipient)
-        body_len = len(body) + TAG_SIZE
-    else:
-        eph_pub, nonce, flags, fp = bytes(32), bytes(12), 0, bytes(8)
-        body_len = len(body)
-    header = _HEADER.pack(ENV_MAGIC, ENV_VERSION, flags, sender.public.sign_key, seq, fp, eph_pub, nonce, body_len)
-    if recipient is not None:
-        payload = AESGCM(key).encrypt(nonce, body, header)  # ciphertext || tag(16)
-    else:
-        payload = body
-    signed = header + payload
+    header = _HEADER.pack(ENV_MAGIC, ENV_VERSION, MODE_SIGNED, sender.public.sign_key, seq, bytes(8), bytes(12), len(body))
+    signed = header + body
     return signed + sender.sign(signed)
 
 
@@ -129,27 +194,38 @@ def parse(data: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Sealed:
     data = bytes(data)
     if len(data) > max_bytes:
         raise WireError("oversized", f"envelope of {len(data)} bytes exceeds {max_bytes}")
-    if len(data) < HEADER_SIZE + SIG_SIZE:
-        raise WireError("truncated", f"envelope of {len(data)} bytes is shorter than header and signature")
-    magic, version, flags, sender_key, seq, fp, eph, nonce, body_len = _HEADER.unpack_from(data)
-    if magic != ENV_MAGIC:
+    if len(data) < HEADER_SIZE:
+        raise WireError("truncated", f"envelope of {len(data)} bytes is shorter than its header")
+    if data[:4] != ENV_MAGIC:
         raise WireError("bad_magic", "not a crowdfl envelope")
+    version = data[4]
+    if version in RETIRED_VERSIONS:
+        raise WireError(
+            "retired_version",
+            f"envelope version {version} (a signature on every message) is no longer accepted; this build speaks "
+            f"{ENV_VERSION}: update the sender",
+        )
     if version != ENV_VERSION:
         raise WireError("bad_version", f"envelope version {version}, this build speaks {ENV_VERSION}")
-    if flags & ~FLAG_ENCRYPTED:
-        raise WireError("malformed", f"unknown envelope flags {flags:#x}")
-    expected = HEADER_SIZE + body_len + SIG_SIZE
+    _, _, mode, sender_key, seq, fp, nonce, body_len = _HEADER.unpack_from(data)
+    if mode not in (MODE_SIGNED, MODE_CHANNEL):
+        raise WireError("malformed", f"unknown envelope mode {mode:#x}")
+    trailer = SIG_SIZE if mode == MODE_SIGNED else 0
+    expected = HEADER_SIZE + body_len + trailer
     if len(data) < expected:
         raise WireError("truncated", f"envelope has {len(data)} bytes, header announces {expected}")
     if len(data) > expected:
-        raise WireError("trailing_bytes", f"{len(data) - expected} bytes after the signature")
-    if flags & FLAG_ENCRYPTED and body_len < TAG_SIZE:
-        raise WireError("truncated", "encrypted body shorter than its tag")
+        raise WireError("trailing_bytes", f"{len(data) - expected} bytes after the {'signature' if trailer else 'body'}")
+    if mode == MODE_CHANNEL and body_len < TAG_SIZE:
+        raise WireError("truncated", "channel body shorter than its tag")
     body = data[HEADER_SIZE : HEADER_SIZE + body_len]
-    return Sealed(data, flags, sender_key, seq, fp, eph, nonce, body, data[-SIG_SIZE:])
+    return Sealed(data, mode, sender_key, seq, fp, nonce, body, data[HEADER_SIZE + body_len :])
 
 
 def verify(sealed: Sealed, sender: PublicIdentity) -> None:
+    """Check a SIGNED envelope's signature (a channel envelope has none: WireError("not_signed"))."""
+    if sealed.mode != MODE_SIGNED:
+        raise WireError("not_signed", "a channel envelope carries no signature (it is opened with the channel key)")
     if sealed.sender_key != sender.sign_key:
         raise WireError("unknown_sender", "envelope names a different sender key")
     try:
@@ -158,31 +234,15 @@ def verify(sealed: Sealed, sender: PublicIdentity) -> None:
         raise WireError("bad_signature", f"signature of {sealed.sender_id[:16]} does not verify") from None
 
 
-def decrypt(sealed: Sealed, recipient: Identity) -> bytes:
-    if not sealed.encrypted:
-        return sealed.body
-    if sealed.recipient_fp != fingerprint(recipient.public):
-        raise WireError("wrong_recipient", "envelope is encrypted to another key")
-    try:
-        # raises ValueError for a low-order point (all-zero shared secret)
-        shared = recipient.enc_private.exchange(X25519PublicKey.from_public_bytes(sealed.ephemeral))
-    except ValueError as exc:
-        raise WireError("decrypt_failed", f"bad ephemeral key: {exc}") from None
-    key = _aes_key(shared, sealed.ephemeral, recipient.public.enc_key)
-    try:
-        return AESGCM(key).decrypt(sealed.nonce, sealed.body, sealed.header)
-    except InvalidTag:
-        raise WireError("decrypt_failed", "authentication tag mismatch") from None
-
-
 def open_envelope(
     data: bytes,
     *,
     lookup_sender: Callable[[str], PublicIdentity | None],
     recipient: Identity | None = None,
     require_encrypted: bool = False,
+    context: bytes = b"",
 ) -> Opened:
-    """Parse, authenticate and decrypt.
+    """Parse and authenticate (signature, or channel tag with ``recipient``'s key), and decrypt.
 
     Replays are the receiver's business: the edge refuses a (device, seq) it already stored with
     another digest and acknowledges the same envelope again (``edge_server/ingest.py``, keyed in
@@ -198,6 +258,9 @@ def open_envelope(
     sender = lookup_sender(sealed.sender_id)
     if sender is None:
         raise WireError("unknown_sender", f"sender {sealed.sender_id[:16]} is not registered")
-    verify(sealed, sender)
-    body = decrypt(sealed, recipient) if sealed.encrypted and recipient is not None else sealed.body
+    if sealed.encrypted and recipient is not None:
+        body = Channel.of_edge(recipient, sender).open(sealed, context)
+    else:
+        verify(sealed, sender)
+        body = sealed.body
     return Opened(sender, sealed.seq, body, sealed.digest)

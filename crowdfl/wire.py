@@ -78,6 +78,11 @@ class _Writer:
         self.parts.append(struct.pack("<I", n))
 
 
+# the fixed-size fields, compiled once (struct.unpack would parse the format on every call)
+_STRUCTS: dict[str, struct.Struct] = {fmt: struct.Struct(fmt) for fmt in ("<B", "<BB", "<I", "<q", "<d")}
+_DIMS = tuple(struct.Struct(f"<{k}I") for k in range(DEFAULT_LIMITS.max_ndim + 1))
+
+
 class _Reader:
     def __init__(self, data: bytes | memoryview, limits: Limits) -> None:
         self.view = memoryview(data)
@@ -91,9 +96,14 @@ class _Reader:
         self.pos += n
         return out
 
-    def unpack(self, fmt: str, what: str) -> Any:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.take(size, what))[0]
+    def unpack(self, fmt: str, what: str, both: bool = False) -> Any:
+        s = _STRUCTS.get(fmt) or struct.Struct(fmt)
+        end = self.pos + s.size
+        if end > len(self.view):
+            raise WireError("truncated", f"{what}: need {s.size} bytes at offset {self.pos}, have {len(self.view) - self.pos}")
+        values = s.unpack_from(self.view, self.pos)
+        self.pos = end
+        return values if both else values[0]
 
     def count(self, what: str, limit: int) -> int:
         n = int(self.unpack("<I", what))
@@ -115,22 +125,28 @@ def _encode_array(w: _Writer, a: np.ndarray, name: str) -> None:
     w.raw(np.ascontiguousarray(a, dtype=_DTYPES[code]).tobytes())
 
 
-def _decode_array(r: _Reader, name: str) -> np.ndarray:
-    code = r.unpack("<B", f"{name}.dtype")
-    dt = _DTYPES.get(code)
-    if dt is None:
-        raise WireError("malformed", f"{name}: unknown dtype code {code}")
-    ndim = r.unpack("<B", f"{name}.ndim")
-    if ndim > r.limits.max_ndim:
-        raise WireError("oversized", f"{name}: {ndim} dimensions exceed limit {r.limits.max_ndim}")
-    shape = tuple(int(r.unpack("<I", f"{name}.shape")) for _ in range(ndim))
-    n = 1
-    for d in shape:
-        n *= d
-    if n > r.limits.max_array_elements:
-        raise WireError("oversized", f"{name}: {n} elements exceed limit {r.limits.max_array_elements}")
-    buf = r.take(n * dt.itemsize, f"{name}.data")
-    return np.frombuffer(buf, dtype=dt).reshape(shape).copy()
+def _array_decoder(name: str) -> Callable[[_Reader], np.ndarray]:
+    """The decoder of one ndarray field (its error labels built once, not per message)."""
+    head_what, shape_what, data_what = f"{name}.dtype", f"{name}.shape", f"{name}.data"
+
+    def dec_array(r: _Reader) -> np.ndarray:
+        code, ndim = r.unpack("<BB", head_what, both=True)
+        dt = _DTYPES.get(code)
+        if dt is None:
+            raise WireError("malformed", f"{name}: unknown dtype code {code}")
+        if ndim > r.limits.max_ndim:
+            raise WireError("oversized", f"{name}: {ndim} dimensions exceed limit {r.limits.max_ndim}")
+        dims = _DIMS[ndim] if ndim < len(_DIMS) else struct.Struct(f"<{ndim}I")
+        shape = tuple(dims.unpack(r.take(dims.size, shape_what)))
+        n = 1
+        for d in shape:
+            n *= d
+        if n > r.limits.max_array_elements:
+            raise WireError("oversized", f"{name}: {n} elements exceed limit {r.limits.max_array_elements}")
+        buf = r.take(n * dt.itemsize, data_what)
+        return np.frombuffer(buf, dtype=dt).reshape(shape).copy()
+
+    return dec_array
 
 
 def _field_codec(tp: Any, name: str) -> tuple[Callable[[_Writer, Any], None], Callable[[_Reader], Any]]:
@@ -173,8 +189,10 @@ def _field_codec(tp: Any, name: str) -> tuple[Callable[[_Writer, Any], None], Ca
             w.u32(len(b))
             w.raw(b)
 
+        len_what = f"{name}.len"
+
         def dec_str(r: _Reader) -> str:
-            n = r.count(f"{name}.len", r.limits.max_text_bytes)
+            n = r.count(len_what, r.limits.max_text_bytes)
             try:
                 return bytes(r.take(n, name)).decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -189,9 +207,10 @@ def _field_codec(tp: Any, name: str) -> tuple[Callable[[_Writer, Any], None], Ca
             w.u32(len(v))
             w.raw(bytes(v))
 
-        return enc_bytes, lambda r: bytes(r.take(r.count(f"{name}.len", r.limits.max_message_bytes), name))
+        bytes_len_what = f"{name}.len"
+        return enc_bytes, lambda r: bytes(r.take(r.count(bytes_len_what, r.limits.max_message_bytes), name))
     if tp is np.ndarray:
-        return (lambda w, v: _encode_array(w, v, name)), (lambda r: _decode_array(r, name))
+        return (lambda w, v: _encode_array(w, v, name)), _array_decoder(name)
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) != 2 or args[1] is not Ellipsis:
@@ -205,8 +224,10 @@ def _field_codec(tp: Any, name: str) -> tuple[Callable[[_Writer, Any], None], Ca
             for item in v:
                 item_enc(w, item)
 
+        count_what = f"{name}.count"
+
         def dec_tuple(r: _Reader) -> tuple[Any, ...]:
-            n = r.count(f"{name}.count", r.limits.max_items)
+            n = r.count(count_what, r.limits.max_items)
             return tuple(item_dec(r) for _ in range(n))
 
         return enc_tuple, dec_tuple

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     bc.add_argument("--message-size-limit", type=int, default=1024 * 1024, help="largest PUBLISH payload in bytes (default 1048576)")
     bc.add_argument("--persistence-dir", default="/var/lib/mosquitto", help="retained messages and sessions (default /var/lib/mosquitto; '' for none)")
     bc.add_argument("--run-as", default="mosquitto", help="user mosquitto drops to when started as root (it must read passwd and acl)")
-    ev = sub.add_parser("evidence", help="export a device's signed batches of a round with their proofs (JSON)")
+    ev = sub.add_parser("evidence", help="export a device's batches of a round with their proofs under its signed receipt (JSON)")
     ev.add_argument("device", help="the device's node id, 64 hex characters")
     ev.add_argument("round", type=int, help="the round number")
     ev.add_argument("--task", help="task id (default: every task the device sent a batch for in that round)")

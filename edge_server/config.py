@@ -51,7 +51,7 @@ class EdgeConfig:
     drain_wait_s: float = 0.05
     resubmit_every_s: float = 5.0
     seed: int = 0
-    # how long after a task's deadline the device-signed batches are kept as evidence
+    # how long after a task's deadline the batches (evidence under the device-signed receipts) are kept
     # (crowdfl-edge evidence); then they are deleted
     evidence_retention_days: float = 90.0
 

@@ -5,11 +5,15 @@ a duplicate (the same envelope again: acknowledged again, stored once) or a reje
 reason (counted, logged, stored in the rejections table). A bad message never stops ingestion and
 never changes anything already accepted.
 
-Where the time goes (bench/ingest.py): Ed25519 verify and X25519 per envelope dominate, so the
-envelope primitives come from ``cryptography`` (OpenSSL), a byte-identical resend skips all
-crypto, a drain is one bulk INSERT, and sample-id reuse is checked against an in-memory index
-instead of a query per batch. Verify/decrypt/decode can also run in a process pool
-(``ingest_workers``), which pays off only when the machine has idle cores.
+Where the time goes (bench/ingest.py): a feature batch is a channel envelope (crowdfl/envelope.py),
+so opening one is one AES-GCM pass under the device's channel key, derived once per device and
+kept; no public-key operation is on the per-message path. The device's signed receipt in each
+batch is decoded and bound to the envelope here, and its signature is checked once per device and
+round, on the receipt the update carries (``EdgeServer._round_receipt``). A byte-identical resend
+skips all crypto, a batch's digest is hashed from its decrypted encoding (not re-encoded), a drain
+is one bulk INSERT, and sample-id reuse is checked against an in-memory index instead of a query
+per batch. Opening and decoding can also run in a process pool (``ingest_workers``), which pays
+off only when the machine has idle cores.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from crowdfl.envelope import Sealed, decrypt, parse, verify
+from crowdfl.envelope import Channel, Sealed, parse
 from crowdfl.errors import WireError
 from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.messages import CODEC, FeatureBatch, TaskSpec
 from crowdfl.mqtt import PREFIX, Incoming
-from crowdfl.receipts import SignedReceipt, batch_digest, open_receipt
+from crowdfl.receipts import SignedReceipt, batch_digest_of_encoding, decode_receipt
 from crowdfl.task import laplace_scale
 
 from .store import AcceptedBatch, EdgeStore
@@ -60,11 +64,12 @@ class IngestStats:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
-# Refusals that resending cannot change, of envelopes whose signature verified (so the device
-# itself sent them): answered with a Nack so the device stops resending. A refusal before the
-# signature is checked is never answered (anyone could have sent it), nor one that may pass later
-# (unknown_task: the task's spec has not reached this edge yet).
-TRANSIENT_REJECTIONS = frozenset({"unknown_task", "bad_signature"})
+# Refusals that resending cannot change, of envelopes whose channel tag verified (so the device
+# itself sent them): answered with a Nack so the device stops resending. A refusal before the tag
+# is checked is never answered (anyone could have sent it: the checks in ``_admit``, and
+# decrypt_failed, the tag itself), nor one that may pass later (unknown_task: the task's spec has
+# not reached this edge yet).
+TRANSIENT_REJECTIONS = frozenset({"unknown_task", "decrypt_failed"})
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ def validate_batch(batch: FeatureBatch, spec: TaskSpec) -> None:
         raise WireError("bad_round", f"round {batch.round} outside 1..{spec.rounds}")
     if batch.epsilon != spec.epsilon or batch.clip_l1 != spec.clip_l1:
         raise WireError("privacy_mismatch", f"epsilon {batch.epsilon} / clip {batch.clip_l1} differ from the task's")
-    if len(np.unique(batch.sample_ids)) != n or int(batch.sample_ids.max()) >= 2**63:
+    ordered = np.sort(batch.sample_ids)
+    if (ordered[1:] == ordered[:-1]).any() or int(ordered[-1]) >= 2**63:
         raise WireError("bad_ids", "sample ids must be unique and below 2^63")
     if not np.isfinite(batch.features).all():
         raise WireError("non_finite", "features contain NaN or Inf")
@@ -102,9 +108,10 @@ def validate_batch(batch: FeatureBatch, spec: TaskSpec) -> None:
 def check_batch_receipt(batch: FeatureBatch, device: str, edge: str) -> SignedReceipt:
     """The device's signed receipt must ride with every batch and name this batch's task, round and edge.
 
-    Whether its root covers exactly the stored batches is checked when training (an earlier batch
-    may still be on its way); the coordinator refuses an update without a matching receipt."""
-    signed = open_receipt(batch.receipt)
+    Decoded, not verified: its signature, and whether its root covers exactly the stored batches,
+    are checked when training (once per device and round; an earlier batch may still be on its
+    way); the coordinator refuses an update without a matching, verifying receipt."""
+    signed = decode_receipt(batch.receipt)
     r = signed.receipt
     if r.device != device:
         raise WireError("bad_receipt", "receipt is signed by another device than the envelope")
@@ -117,30 +124,35 @@ def check_batch_receipt(batch: FeatureBatch, device: str, edge: str) -> SignedRe
     return signed
 
 
-Opened = FeatureBatch | tuple[str, str]  # a decoded batch, or (reason, detail)
+Opened = tuple[FeatureBatch, bytes] | tuple[str, str]  # (batch, its receipt-less digest), or (reason, detail)
 
 
-def open_batches(recipient: Identity, items: Sequence[tuple[Sealed, PublicIdentity]]) -> list[Opened]:
-    """Verify, decrypt and decode envelopes from known senders -> decoded batches or (reason, detail).
+def open_batches(items: Sequence[tuple[Sealed, Channel, bytes]]) -> list[Opened]:
+    """Authenticate, decrypt and decode channel envelopes -> (batch, batch digest) or (reason, detail).
 
-    This is the CPU-heavy step (Ed25519 verify, X25519 + HKDF + AES-GCM, decoding), pure and
-    stateless so a process pool can run it; everything that needs the database stays in the caller.
+    ``items`` are (envelope, the sender's channel, context: the topic it came on). Pure and
+    stateless, so a process pool can run it; everything that needs the database stays in the caller.
     """
     out: list[Opened] = []
-    for sealed, sender in items:
+    for sealed, channel, context in items:
         try:
-            verify(sealed, sender)
-            out.append(CODEC.decode(decrypt(sealed, recipient), FeatureBatch))
+            plain = channel.open(sealed, context)
+            batch = CODEC.decode(plain, FeatureBatch)
+            out.append((batch, batch_digest_of_encoding(plain, len(batch.receipt))))
         except WireError as exc:
             out.append((exc.code, exc.detail))
     return out
 
 
-def _open_in_worker(seeds: tuple[bytes, bytes], items: Sequence[tuple[bytes, bytes, bytes]]) -> list[Opened]:
-    """Process-pool entry point: plain bytes in (envelope, sender keys), the edge's key with each chunk
-    (no per-process globals)."""
-    todo = [(parse(raw), PublicIdentity(sign, enc)) for raw, sign, enc in items]  # parsed in the edge already: cannot fail
-    return open_batches(Identity(*seeds), todo)
+def _open_in_worker(edge: tuple[bytes, bytes], items: Sequence[tuple[bytes, bytes, bytes, bytes, bytes]]) -> list[Opened]:
+    """Process-pool entry point: plain bytes in (envelope, the device's keys, its channel key, topic),
+    the edge's public keys with each chunk (no per-process globals)."""
+    edge_pub = PublicIdentity(*edge)
+    todo = [
+        (parse(raw), Channel(PublicIdentity(sign, enc), edge_pub, key), context)  # parsed in the edge already: cannot fail
+        for raw, sign, enc, key, context in items
+    ]
+    return open_batches(todo)
 
 
 def make_pool(workers: int) -> Executor:
@@ -163,6 +175,7 @@ class Ingestor:
         self.short = short_id(identity.node_id)
         self.stats = IngestStats()
         self._devices: dict[str, PublicIdentity] = {}
+        self._channels: dict[str, Channel] = {}  # device -> channel, derived on its first message
         self._unknown: dict[str, float] = {}  # sender -> monotonic time it was found unregistered
         self._pool: Executor | None = None
 
@@ -176,6 +189,7 @@ class Ingestor:
         self._devices = {
             nid: PublicIdentity.from_hex(nid, enc) for nid, enc in self.store.active_devices().items()
         }
+        self._channels = {nid: ch for nid, ch in self._channels.items() if self._devices.get(nid) == ch.device}
         self._unknown.clear()
 
     def _sender(self, node_id: str) -> PublicIdentity | None:
@@ -197,22 +211,29 @@ class Ingestor:
         sender = self._devices[node_id] = PublicIdentity(bytes.fromhex(node_id), bytes.fromhex(enc))
         return sender
 
-    def _open(self, items: list[tuple[Sealed, PublicIdentity]]) -> Callable[[int], Opened]:
+    def _channel(self, sender: PublicIdentity) -> Channel:
+        """The device's channel: one X25519 + HKDF on its first message, then kept."""
+        channel = self._channels.get(sender.node_id)
+        if channel is None:  # refresh_devices drops the channels of devices whose keys changed
+            channel = self._channels[sender.node_id] = Channel.of_edge(self.identity, sender)
+        return channel
+
+    def _open(self, items: list[tuple[Sealed, Channel, bytes]]) -> Callable[[int], Opened]:
         """Start opening ``items``; returns a getter that waits only for the chunk it needs.
 
         Contiguous chunks come back in order, so the caller validates and dedupes the first
         chunk while the workers still open the next ones.
         """
         if self.workers <= 0 or len(items) < 2:
-            inline = open_batches(self.identity, items)
+            inline = open_batches(items)
             return inline.__getitem__
         if self._pool is None:
             self._pool = make_pool(self.workers)
         pool = self._pool
         size = max(8, -(-len(items) // (4 * self.workers)))
-        seeds = (self.identity.sign_seed, self.identity.enc_seed)
-        plain = [(sealed.raw, sender.sign_key, sender.enc_key) for sealed, sender in items]
-        futures = [pool.submit(_open_in_worker, seeds, plain[i : i + size]) for i in range(0, len(plain), size)]
+        edge = (self.identity.public.sign_key, self.identity.public.enc_key)
+        plain = [(sealed.raw, ch.device.sign_key, ch.device.enc_key, ch.key, context) for sealed, ch, context in items]
+        futures = [pool.submit(_open_in_worker, edge, plain[i : i + size]) for i in range(0, len(plain), size)]
         done: dict[int, list[Opened]] = {}
 
         def get(i: int) -> Opened:
@@ -223,7 +244,7 @@ class Ingestor:
                 except BrokenExecutor:
                     log.error("ingest worker pool broke (a worker died); opening inline, new pool next drain")
                     self._pool = None
-                    done[k] = open_batches(self.identity, items[k * size : (k + 1) * size])
+                    done[k] = open_batches(items[k * size : (k + 1) * size])
             return done[k][i - k * size]
 
         return get
@@ -236,7 +257,7 @@ class Ingestor:
         verified); everything else is verified, decrypted and decoded (in the pool when there is
         one), then checked against the task and the stored samples in arrival order.
         """
-        admitted: list[tuple[Incoming, Sealed, PublicIdentity]] = []
+        admitted: list[tuple[Incoming, Sealed, Channel]] = []
         rejections: list[tuple[str, str, str]] = []
         acks: dict[str, list[int]] = {}
         nacks: dict[str, list[tuple[int, str]]] = {}
@@ -247,11 +268,11 @@ class Ingestor:
                 rejections.append((exc.code, exc.detail, m.topic))
         known = self.store.known_envelopes([(s.sender_id, s.seq) for _, s, _ in admitted])
         first_of: dict[str, int] = {}  # digest -> index in to_open (repeats in one drain share the outcome)
-        to_open: list[tuple[Sealed, PublicIdentity]] = []
-        for _, sealed, sender in admitted:
+        to_open: list[tuple[Sealed, Channel, bytes]] = []
+        for m, sealed, channel in admitted:
             if known.get((sealed.sender_id, sealed.seq)) != sealed.digest and sealed.digest not in first_of:
                 first_of[sealed.digest] = len(to_open)
-                to_open.append((sealed, sender))
+                to_open.append((sealed, channel, m.topic.encode()))
         opened = self._open(to_open)
         accepted: list[AcceptedBatch] = []
         this_drain: dict[tuple[str, int], str] = {}
@@ -264,9 +285,10 @@ class Ingestor:
                     self.stats.duplicates += 1
                     acks.setdefault(sealed.sender_id, []).append(sealed.seq)
                     continue
-                batch = opened(first_of[sealed.digest])
-                if isinstance(batch, tuple):
-                    raise WireError(*batch)
+                got = opened(first_of[sealed.digest])
+                if isinstance(got[0], str):
+                    raise WireError(*got)
+                batch, digest = got
                 if prior is not None:
                     raise WireError("seq_reuse", f"seq {sealed.seq} was already used for a different envelope")
                 spec = self.task_lookup(batch.task_id)
@@ -275,10 +297,11 @@ class Ingestor:
                 validate_batch(batch, spec)
                 receipt = check_batch_receipt(batch, sealed.sender_id, self.identity.node_id)
                 owner = (sealed.sender_id, batch.task_id)
-                ids = batch.sample_ids.tolist()
-                if self.store.any_released(sealed.sender_id, batch.task_id, batch.sample_ids) or not drain_ids.get(
-                    owner, set()
-                ).isdisjoint(ids):
+                earlier = drain_ids.get(owner)
+                ids = batch.sample_ids.tolist() if earlier is not None else None
+                if self.store.any_released(sealed.sender_id, batch.task_id, batch.sample_ids) or (
+                    earlier is not None and not earlier.isdisjoint(ids)  # type: ignore[arg-type]
+                ):
                     raise WireError("sample_reuse", "a sample id was already received from this device")
             except WireError as exc:
                 rejections.append((exc.code, exc.detail, m.topic))
@@ -286,11 +309,11 @@ class Ingestor:
                     nacks.setdefault(sealed.sender_id, []).append((sealed.seq, exc.code))
                 continue
             this_drain[key] = sealed.digest
-            drain_ids.setdefault(owner, set()).update(ids)
+            drain_ids.setdefault(owner, set()).update(batch.sample_ids.tolist() if ids is None else ids)
             accepted.append(
                 AcceptedBatch(
                     sealed.sender_id, sealed.seq, sealed.digest, batch.task_id, batch.round, batch.sample_ids, batch.features,
-                    batch.labels, batch_digest(batch).hex(), receipt.raw,
+                    batch.labels, digest.hex(), receipt.raw,
                 )
             )
             acks.setdefault(sealed.sender_id, []).append(sealed.seq)
@@ -304,8 +327,9 @@ class Ingestor:
             log.warning("rejected message on %s: %s: %s", topic, reason, detail)
         return Drained(accepted, acks, rejections, nacks)
 
-    def _admit(self, m: Incoming) -> tuple[Sealed, PublicIdentity]:
-        """The checks that need no crypto: topic, layout, seq range, a registered, encrypting sender."""
+    def _admit(self, m: Incoming) -> tuple[Sealed, Channel]:
+        """The checks that need no crypto: topic, layout, seq range, a registered sender, a channel
+        envelope to this edge. Nothing refused here is answered (nothing is authenticated yet)."""
         parts = m.topic.split("/")
         if len(parts) != 5 or "/".join(parts[:3]) != f"{PREFIX}/feat":
             raise WireError("bad_topic", f"unexpected topic {m.topic}")
@@ -320,5 +344,8 @@ class Ingestor:
         if sender is None:
             raise WireError("unknown_sender", f"device {sealed.sender_id[:16]} is not registered with this edge")
         if not sealed.encrypted:
-            raise WireError("not_encrypted", "feature batches must be encrypted")
-        return sealed, sender
+            raise WireError("not_encrypted", "feature batches must be channel envelopes (encrypted)")
+        channel = self._channel(sender)
+        if sealed.recipient_fp != channel.recipient_fp:
+            raise WireError("wrong_recipient", "envelope is encrypted to another edge server's key")
+        return sealed, channel

@@ -33,7 +33,7 @@ from crowdfl.identity import Identity, PublicIdentity, short_id
 from crowdfl.metrics import Histogram
 from crowdfl.messages import CODEC, Ack, ModelUpdate, ModelWeights, Nack, RoundStart, TaskSpec
 from crowdfl.mqtt import PREFIX, Incoming, MqttLink, ack_topic
-from crowdfl.receipts import SignedReceipt, batches_root, open_receipt
+from crowdfl.receipts import SignedReceipt, batches_root, decode_receipt, open_receipt
 
 from .ingest import Ingestor
 from .store import EdgeStore
@@ -274,10 +274,12 @@ class EdgeServer:
         An update is trained on those batches and nothing else, so its sample count and inputs
         digest are the device's own; until an earlier batch arrives the job is retried."""
         batches = self.store.batches(job.customer, job.task_id, max_round=job.round)
-        mine = [open_receipt(b.receipt) for b in batches if b.round == job.round and b.receipt]
+        mine = [decode_receipt(b.receipt) for b in batches if b.round == job.round and b.receipt]
         if not mine:
             raise RuntimeError(f"no receipt from {job.customer[:12]} for round {job.round}")
-        signed = max(mine, key=lambda r: r.receipt.num_batches)  # the latest covers every batch before it
+        latest = max(mine, key=lambda r: r.receipt.num_batches)  # the latest covers every batch before it
+        # the one signature checked per device and round (ingest only decoded the receipts)
+        signed = open_receipt(latest.raw)
         root = batches_root([bytes.fromhex(b.batch_digest) for b in batches])
         if (signed.receipt.batches_root, signed.receipt.num_batches, signed.receipt.num_samples) != (
             root, len(batches), sum(len(b.sample_ids) for b in batches)

@@ -134,10 +134,10 @@ def test_acl_confines_a_device_to_its_own_topics(tls_world) -> None:  # type: ig
             return CODEC.encode(with_receipt(fb, attacker, world.edge_id.node_id))  # signed, as an agent sends it
 
         # under the victim's topic: PUBACKed by mosquitto, then dropped
-        spoof = link.publish(feature_topic(e_short, v_short), seal(batch([10_001]), attacker, 1, world.edge_id.public), qos=1)
+        spoof = link.publish(feature_topic(e_short, v_short), seal(batch([10_001]), attacker, 1, world.edge_id.public, context=feature_topic(e_short, v_short).encode()), qos=1)
         spoof.wait_for_publish(10)
         # control message on its own topic, after the spoof (per-client order is kept)
-        ctrl = link.publish(feature_topic(e_short, a_short), seal(batch([10_002]), attacker, 2, world.edge_id.public), qos=1)
+        ctrl = link.publish(feature_topic(e_short, a_short), seal(batch([10_002]), attacker, 2, world.edge_id.public, context=feature_topic(e_short, a_short).encode()), qos=1)
         ctrl.wait_for_publish(10)
         wait_for(lambda: edge.ingestor.stats.accepted == accepted_before + 1, WAIT, "the attacker's own batch at the edge")
         # had the spoof arrived, the edge would have rejected it as topic_mismatch; nothing was rejected

@@ -1,7 +1,8 @@
-"""The envelope primitives moved from pycryptodome to ``cryptography``: the wire format must not change.
+"""The envelope format is standard cryptography, checked against an independent implementation.
 
-Keys derived from the same seeds, and envelopes sealed by either implementation, must be
-interchangeable (devices already in the field sealed with pycryptodome). The pycryptodome side
+Keys derived from the same seeds, and envelopes sealed by either implementation (``cryptography``
+here, pycryptodome as the reference), must be interchangeable; version 1 envelopes, which devices
+sealed before the channel envelopes, are refused with their own reason. The pycryptodome side
 runs only where it is installed (the server venvs have it through web3).
 """
 
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import struct
 
-from crowdfl.envelope import _HEADER, ENV_MAGIC, ENV_VERSION, FLAG_ENCRYPTED, fingerprint, open_envelope, seal
+import pytest
+
+from crowdfl.envelope import _HEADER, ENV_MAGIC, ENV_VERSION, MODE_CHANNEL, Channel, fingerprint, open_envelope, seal
+from crowdfl.errors import WireError
 from crowdfl.identity import Identity, PublicIdentity
 from tests.support.realparts import require_module
 
 BODY = b"CF\x01\x14" + bytes(range(256)) * 3
+TOPIC = b"crowdfl/v1/feat/0123456789abcdef/fedcba9876543210"
 
 
 def test_rfc8032_ed25519_vector() -> None:
@@ -33,8 +39,9 @@ def test_rfc7748_x25519_vector() -> None:
     assert alice.public.enc_key.hex() == "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
 
 
-def _pycryptodome_seal(body: bytes, sender_seed: bytes, seq: int, recipient: PublicIdentity) -> bytes:
-    """The previous implementation of ``seal`` (pycryptodome), kept here as the reference."""
+def _pycryptodome_v1_seal(body: bytes, sender_seed: bytes, seq: int, recipient: PublicIdentity) -> bytes:
+    """A version 1 envelope (Ed25519 signature + ephemeral X25519 on every message), as devices
+    sealed before: built here with pycryptodome, independently of crowdfl's code."""
     from Crypto.Cipher import AES
     from Crypto.Hash import SHA256
     from Crypto.Protocol import DH
@@ -42,15 +49,15 @@ def _pycryptodome_seal(body: bytes, sender_seed: bytes, seq: int, recipient: Pub
     from Crypto.PublicKey import ECC
     from Crypto.Signature import eddsa
 
+    v1_header = struct.Struct("<4sBB32sQ8s32s12sI")
     eph = ECC.generate(curve="curve25519")
     eph_pub = eph.public_key().export_key(format="raw")
     shared = DH.key_agreement(eph_priv=eph, static_pub=DH.import_x25519_public_key(recipient.enc_key), kdf=lambda z: z)
     key = HKDF(shared, 32, eph_pub + recipient.enc_key, SHA256, context=b"crowdfl/v1 envelope")
     nonce = secrets.token_bytes(12)
     sign_key = eddsa.import_private_key(sender_seed)
-    header = _HEADER.pack(
-        ENV_MAGIC, ENV_VERSION, FLAG_ENCRYPTED, sign_key.public_key().export_key(format="raw"), seq,
-        fingerprint(recipient), eph_pub, nonce, len(body) + 16,
+    header = v1_header.pack(
+        ENV_MAGIC, 1, 1, sign_key.public_key().export_key(format="raw"), seq, fingerprint(recipient), eph_pub, nonce, len(body) + 16,
     )
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
     cipher.update(header)
@@ -59,23 +66,36 @@ def _pycryptodome_seal(body: bytes, sender_seed: bytes, seq: int, recipient: Pub
     return signed + eddsa.new(sign_key, "rfc8032").sign(signed)
 
 
-def _pycryptodome_open(env: bytes, sender: PublicIdentity, recipient_seed: bytes) -> bytes:
-    from Crypto.Cipher import AES
+def _pycryptodome_channel_key(own_enc_seed: bytes, peer_enc: bytes, device: PublicIdentity, edge: PublicIdentity) -> bytes:
+    """The version 2 channel key, from the spec in crowdfl/envelope.py, with pycryptodome."""
     from Crypto.Hash import SHA256
     from Crypto.Protocol import DH
     from Crypto.Protocol.KDF import HKDF
-    from Crypto.Signature import eddsa
 
-    eddsa.new(eddsa.import_public_key(sender.sign_key), "rfc8032").verify(env[:-64], env[-64:])
-    fields = _HEADER.unpack_from(env)
-    eph_pub, nonce = fields[6], fields[7]
-    priv = DH.import_x25519_private_key(recipient_seed)
-    shared = DH.key_agreement(static_priv=priv, eph_pub=DH.import_x25519_public_key(eph_pub), kdf=lambda z: z)
-    recipient_enc = priv.public_key().export_key(format="raw")
-    key = HKDF(shared, 32, eph_pub + recipient_enc, SHA256, context=b"crowdfl/v1 envelope")
+    priv = DH.import_x25519_private_key(own_enc_seed)
+    shared = DH.key_agreement(static_priv=priv, static_pub=DH.import_x25519_public_key(peer_enc), kdf=lambda z: z)
+    info = b"crowdfl/v2 channel" + device.sign_key + device.enc_key + edge.sign_key + edge.enc_key
+    return HKDF(shared, 32, b"", SHA256, context=info)  # type: ignore[no-any-return]
+
+
+def _pycryptodome_channel_seal(body: bytes, key: bytes, device: PublicIdentity, edge: PublicIdentity, seq: int, topic: bytes) -> bytes:
+    from Crypto.Cipher import AES
+
+    nonce = secrets.token_bytes(12)
+    header = _HEADER.pack(ENV_MAGIC, ENV_VERSION, MODE_CHANNEL, device.sign_key, seq, fingerprint(edge), nonce, len(body) + 16)
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
-    cipher.update(env[: _HEADER.size])
-    body = env[_HEADER.size : -64]
+    cipher.update(header + topic)
+    ct, tag = cipher.encrypt_and_digest(body)
+    return header + ct + tag
+
+
+def _pycryptodome_channel_open(env: bytes, key: bytes, topic: bytes) -> bytes:
+    from Crypto.Cipher import AES
+
+    nonce = _HEADER.unpack_from(env)[6]
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
+    cipher.update(env[: _HEADER.size] + topic)
+    body = env[_HEADER.size :]
     return cipher.decrypt_and_verify(body[:-16], body[-16:])  # type: ignore[no-any-return]
 
 
@@ -84,21 +104,36 @@ def test_envelopes_interchange_with_pycryptodome() -> None:
     from Crypto.Protocol import DH
     from Crypto.Signature import eddsa
 
-    sender, recipient = Identity.generate(), Identity.generate()
+    device, edge = Identity.generate(), Identity.generate()
     # same seeds -> same public keys in both libraries (node ids must not change on upgrade)
-    assert eddsa.import_private_key(sender.sign_seed).public_key().export_key(format="raw") == sender.public.sign_key
-    assert DH.import_x25519_private_key(recipient.enc_seed).public_key().export_key(format="raw") == recipient.public.enc_key
+    assert eddsa.import_private_key(device.sign_seed).public_key().export_key(format="raw") == device.public.sign_key
+    assert DH.import_x25519_private_key(edge.enc_seed).public_key().export_key(format="raw") == edge.public.enc_key
 
     def lookup(node: str) -> PublicIdentity | None:
-        return sender.public if node == sender.node_id else None
+        return device.public if node == device.node_id else None
 
-    old = _pycryptodome_seal(BODY, sender.sign_seed, 42, recipient.public)
-    opened = open_envelope(old, lookup_sender=lookup, recipient=recipient, require_encrypted=True)
-    assert opened.body == BODY and opened.seq == 42 and opened.digest == hashlib.sha256(old).hexdigest()
+    # the channel key is standard X25519 + HKDF-SHA256: both ends, both libraries agree
+    key = _pycryptodome_channel_key(device.enc_seed, edge.public.enc_key, device.public, edge.public)
+    assert key == _pycryptodome_channel_key(edge.enc_seed, device.public.enc_key, device.public, edge.public)
+    assert key == Channel.of_edge(edge, device.public).key == Channel.of_device(device, edge.public).key
 
-    new = seal(BODY, sender, 43, recipient.public)
-    assert _pycryptodome_open(new, sender.public, recipient.enc_seed) == BODY
-    # Ed25519 is deterministic: the signed-only envelope is byte-identical across libraries
-    plain = seal(BODY, sender, 44)
-    sig_old = eddsa.new(eddsa.import_private_key(sender.sign_seed), "rfc8032").sign(plain[:-64])
-    assert sig_old == plain[-64:]
+    theirs = _pycryptodome_channel_seal(BODY, key, device.public, edge.public, 42, TOPIC)
+    opened = open_envelope(theirs, lookup_sender=lookup, recipient=edge, require_encrypted=True, context=TOPIC)
+    assert opened.body == BODY and opened.seq == 42 and opened.digest == hashlib.sha256(theirs).hexdigest()
+    ours = seal(BODY, device, 43, edge.public, context=TOPIC)
+    assert _pycryptodome_channel_open(ours, key, TOPIC) == BODY
+
+    # Ed25519 is deterministic: the signed envelope's signature is byte-identical across libraries
+    plain = seal(BODY, device, 44)
+    assert eddsa.new(eddsa.import_private_key(device.sign_seed), "rfc8032").sign(plain[:-64]) == plain[-64:]
+
+
+def test_version_1_envelopes_are_refused_with_their_own_reason() -> None:
+    """A device that was not updated still seals version 1: refused before any crypto, with a
+    reason that says what to do (the edge counts it like every refusal)."""
+    require_module("Crypto", "pip install -e .[dev] (pycryptodome, the reference implementation)")
+    device, edge = Identity.generate(), Identity.generate()
+    old = _pycryptodome_v1_seal(BODY, device.sign_seed, 42, edge.public)
+    with pytest.raises(WireError) as e:
+        open_envelope(old, lookup_sender=lambda n: device.public, recipient=edge, context=TOPIC)
+    assert e.value.code == "retired_version" and "update the sender" in e.value.detail

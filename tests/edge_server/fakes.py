@@ -88,8 +88,9 @@ class World:
             rng.integers(0, self.spec.num_classes, n).astype(np.int8), self.spec.epsilon, self.spec.clip_l1,
         )
         b = with_receipt(b, device, self.edge.node_id, self.history)
-        env = seal(CODEC.encode(b), device, seq, self.edge.public)
-        return Incoming(feature_topic(short_id(self.edge.node_id), short_id(device.node_id)), env, False)
+        topic = feature_topic(short_id(self.edge.node_id), short_id(device.node_id))
+        env = seal(CODEC.encode(b), device, seq, self.edge.public, context=topic.encode())
+        return Incoming(topic, env, False)
 
 
 def make_world(devices: int = 3, edge: Identity | None = None, coordinator: Identity | None = None) -> World:

@@ -108,7 +108,7 @@ def test_health_and_metrics_of_a_running_edge(tmp_path: Path) -> None:
         assert m["crowdfl_edge_messages_total"][""] == 5
         assert m["crowdfl_edge_batches_accepted_total"][""] == 2
         assert m["crowdfl_edge_batches_duplicate_total"][""] == 1
-        assert m["crowdfl_edge_messages_rejected_total"] == {'{reason="bad_signature"}': 1, '{reason="bad_topic"}': 1}
+        assert m["crowdfl_edge_messages_rejected_total"] == {'{reason="bad_topic"}': 1, '{reason="decrypt_failed"}': 1}
         assert m["crowdfl_edge_samples_stored_total"][""] == 5
         assert m["crowdfl_edge_trained_total"][""] == 1  # d2 is not selected
         assert m["crowdfl_edge_train_seconds_count"][""] == 1 and m["crowdfl_edge_train_seconds_sum"][""] > 0

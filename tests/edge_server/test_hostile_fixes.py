@@ -150,8 +150,8 @@ def test_authentic_envelopes_refused_for_good_are_nacked(store: EdgeStore) -> No
     reused = msg(edge, dev, batch([1]), 3)  # sample 1 again
     unknown_task = msg(edge, dev, batch([4], task_id="ee" * 32), 4)  # the spec may still arrive: no answer
     tampered = bytearray(msg(edge, dev, batch([6]), 6).payload)
-    tampered[-1] ^= 1  # the signature no longer verifies: anyone could have sent it, no answer
+    tampered[-1] ^= 1  # the channel tag no longer verifies: anyone could have sent it, no answer
     out = ing.drain([good, bad_label, reused, unknown_task, Incoming(good.topic, bytes(tampered), False)])
     assert out.acks == {dev.node_id: [1]}
     assert out.nacks == {dev.node_id: [(2, "bad_label"), (3, "sample_reuse")]}
-    assert sorted(r[0] for r in out.rejections) == ["bad_label", "bad_signature", "sample_reuse", "unknown_task"]
+    assert sorted(r[0] for r in out.rejections) == ["bad_label", "decrypt_failed", "sample_reuse", "unknown_task"]

@@ -37,8 +37,9 @@ def batch(ids: list[int], **kw: object) -> FeatureBatch:
 def msg(edge: Identity, device: Identity, b: FeatureBatch, seq: int, encrypt: bool = True, topic: str | None = None) -> Incoming:
     if not b.receipt and len(b.sample_ids) and b.epsilon > 0:
         b = with_receipt(b, device, edge.node_id)
-    env = seal(CODEC.encode(b), device, seq, edge.public if encrypt else None)
-    return Incoming(topic or feature_topic(short_id(edge.node_id), short_id(device.node_id)), env, False)
+    sealed_on = feature_topic(short_id(edge.node_id), short_id(device.node_id))
+    env = seal(CODEC.encode(b), device, seq, edge.public if encrypt else None, context=sealed_on.encode())
+    return Incoming(topic or sealed_on, env, False)
 
 
 def test_good_batch_is_persisted_and_acknowledged(setup) -> None:  # type: ignore[no-untyped-def]
@@ -100,7 +101,7 @@ def test_each_bad_batch_has_its_reason(setup) -> None:  # type: ignore[no-untype
         assert _reason(setup, m) == reason, reason
     tampered = bytearray(msg(edge, device, batch([1, 2]), 10).payload)
     tampered[-70] ^= 1
-    assert _reason(setup, Incoming(cases["non_finite"].topic, bytes(tampered), False)) == "bad_signature"
+    assert _reason(setup, Incoming(cases["non_finite"].topic, bytes(tampered), False)) == "decrypt_failed"
     assert _reason(setup, Incoming(cases["non_finite"].topic, b"garbage", False)) == "truncated"
     assert store.rejection_counts()["bad_label"] == 1
 
@@ -193,4 +194,4 @@ def test_a_worker_pool_gives_the_same_outcomes(tmp_path) -> None:  # type: ignor
             store.close()
     assert outcomes[0] == outcomes[1]
     accepted, _, reasons, dups = outcomes[0]
-    assert accepted == list(range(1, 30)) and reasons == ["bad_signature", "sample_reuse"] and dups == 1
+    assert accepted == list(range(1, 30)) and reasons == ["decrypt_failed", "sample_reuse"] and dups == 1

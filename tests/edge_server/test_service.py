@@ -128,3 +128,34 @@ def test_control_messages_from_others_are_ignored(edge_db_url: str) -> None:
     _feed(edge, impostor.control(selected=world.devices))
     assert not edge.tasks and not edge.rounds and not edge.store.task_specs()
     edge.store.close()
+
+
+def test_receipt_signature_is_checked_once_when_the_update_is_built(edge_db_url: str) -> None:
+    """Ingest decodes a batch's receipt and binds it to the envelope, but checks its signature only
+    when building the update (one Ed25519 verify per device and round): a batch whose receipt does
+    not verify is stored (the channel tag shows the device sent it) and never becomes an update."""
+    import dataclasses
+
+    from crowdfl.envelope import seal
+    from crowdfl.messages import FeatureBatch
+    from crowdfl.mqtt import Incoming
+
+    world = make_world(devices=2)
+    coord = RecordingCoordinator()
+    edge = _server(world, edge_db_url, coord)
+    edge.ingestor.refresh_devices()
+    good, bad = world.devices
+    forged_msg = world.batch(bad, 1, [7, 8])
+    batch = CODEC.decode(
+        edge.ingestor._channel(bad.public).open(parse(forged_msg.payload), forged_msg.topic.encode()), FeatureBatch
+    )
+    receipt = bytearray(batch.receipt)
+    receipt[-1] ^= 1  # the receipt's signature no longer verifies; every field still decodes
+    forged = seal(CODEC.encode(dataclasses.replace(batch, receipt=bytes(receipt))), bad, 2, world.edge.public, context=forged_msg.topic.encode())
+    _feed(edge, world.control(selected=world.devices) + [world.batch(good, 1, [1, 2]), Incoming(forged_msg.topic, forged, False)])
+    assert edge.ingestor.stats.accepted == 2 and not edge.ingestor.stats.rejected
+    assert _run_queue(edge) == 2
+    assert edge.stats.trained == 1 and edge.stats.train_failures == 1  # the forged receipt's round is refused
+    edge.submit_pending()
+    assert [CODEC.decode(parse(p).body, ModelUpdate).customer for p in coord.posts] == [good.node_id]
+    edge.store.close()
