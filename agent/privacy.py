@@ -46,6 +46,13 @@ from crowdfl.task import laplace_scale, prepare_features, sensitivity  # noqa: F
 
 HOURS_PER_DAY = 24
 
+# The owner's default caps (agent.config.PrivacySettings): any one hour, and any one UTC day, of a
+# household's usage carries at most this epsilon over every release of every task. The default task
+# (coordinator.task_model.TaskDesign: 24-hour windows on a 24-hour stride, epsilon 4, labels in
+# clear) spends 4 on each hour and each day, so a device serves two such tasks on the same days.
+DEFAULT_MAX_EPSILON_PER_HOUR = 8.0
+DEFAULT_MAX_EPSILON_PER_DAY = 8.0
+
 
 @dataclass(frozen=True)
 class HourCaps:
@@ -148,7 +155,8 @@ class PrivacyPolicy:
 
     max_epsilon: float = 8.0  # largest per-sample epsilon (features + labels) the owner accepts
     require_label_privacy: bool = False
-    caps: HourCaps = HourCaps()  # per hour and per day of the usage log, across every release
+    # per hour and per day of the usage log, across every release; HourCaps() would switch them off
+    caps: HourCaps = HourCaps(DEFAULT_MAX_EPSILON_PER_HOUR, DEFAULT_MAX_EPSILON_PER_DAY)
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.max_epsilon) and self.max_epsilon > 0):

@@ -41,10 +41,13 @@ class TaskDesign:
     noise_aware_pretraining: bool = True
     window_hours: int = 24
     horizon_hours: int = 6
-    window_stride_hours: int = 1  # >= window_hours: no two released windows share an hour (agent.privacy.sample_spend)
+    # = window_hours: no two released windows share an hour, and windows end at midnight UTC, so
+    # each hour and each day of a household's usage carries epsilon once (crowdfl.task.task_spend_bound);
+    # the price is one sample per household per day
+    window_stride_hours: int = 24
     feature_dim: int = 8
     hidden_units: int = 32  # < feature_dim x (classes + 1) = 40: the edge trains this head with Adam (edge_server.trainer)
-    samples_per_round: int = 128
+    samples_per_round: int = 13  # one window a day: 3 rounds use 39 of the 41 days of a 6-week log
     local_epochs: int = 5
     learning_rate: float = 0.005
     # the rule for rounds the coordinator cannot defend (no root dataset for the task); defended
