@@ -48,8 +48,8 @@ HOURS_PER_DAY = 24
 
 # The owner's default caps (agent.config.PrivacySettings): any one hour, and any one UTC day, of a
 # household's usage carries at most this epsilon over every release of every task. The default task
-# (coordinator.task_model.TaskDesign: 24-hour windows on a 24-hour stride, epsilon 4, labels in
-# clear) spends 4 on each hour and each day, so a device serves two such tasks on the same days.
+# (coordinator.task_model.TaskDesign: 24-hour windows every 25 hours, epsilon 4, labels in clear)
+# spends 4 on each hour and at most 8 on a day (two windows can touch one day).
 DEFAULT_MAX_EPSILON_PER_HOUR = 8.0
 DEFAULT_MAX_EPSILON_PER_DAY = 8.0
 

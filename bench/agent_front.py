@@ -59,7 +59,8 @@ def design_with_keras_front(quick: bool) -> tuple[Any, Any]:
         captured["front"] = front
         return convert(front, representative)
 
-    design = tm.TaskDesign(lab_households=3, lab_days=14, samples_per_round=64, seed=7) if quick else tm.TaskDesign(seed=7)
+    # 128 samples a release, as timed before the default task moved to one window per 25 hours (13 a round)
+    design = tm.TaskDesign(lab_households=3, lab_days=14, samples_per_round=64, seed=7) if quick else tm.TaskDesign(samples_per_round=128, seed=7)
     tm.to_int8_tflite = spy  # type: ignore[assignment]
     try:
         designed = tm.design_task(design, START)

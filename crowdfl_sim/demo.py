@@ -41,8 +41,8 @@ class DemoOptions:
     edges: int = 2
     rounds: int = 3
     epsilon: float = 4.0
-    # the default task releases one 24-hour window per household per day (no two share an hour):
-    # 42 days of history hold 41 of them, 13 per round for 3 rounds
+    # the default task releases a 24-hour window every 25 hours (no two share an hour): 42 days of
+    # history hold 39 of them, 13 per round for 3 rounds
     samples_per_round: int = 13
     history_days: int = 42
     held_out_households: int = 8

@@ -111,7 +111,7 @@ def test_the_task_bound_is_what_the_ledger_charges_for_releasing_every_window(wi
 
 def test_the_default_task_and_the_default_caps_fit_each_other() -> None:
     """The owner's defaults cap every hour and every day, and the default task stays within them:
-    its windows do not overlap, so each hour and (aligned to midnight) each day carries epsilon."""
+    its windows do not overlap, so each hour carries epsilon, and at most two touch one day."""
     from agent.config import PrivacySettings
     from coordinator.task_model import TaskDesign
     from crowdfl.task import task_spend_bound
@@ -124,7 +124,9 @@ def test_the_default_task_and_the_default_caps_fit_each_other() -> None:
     spec = make_spec(epsilon=d.epsilon, label_epsilon=d.label_epsilon, window_hours=d.window_hours,
                      horizon_hours=d.horizon_hours, window_stride_hours=d.window_stride_hours)
     per_hour, per_day = task_spend_bound(spec)
-    assert (per_hour, per_day) == pytest.approx((d.epsilon, d.epsilon))
+    assert (per_hour, per_day) == pytest.approx((d.epsilon, 2 * d.epsilon))
+    ends = releasable(np.arange(H0, H0 + 24 * 25, dtype=np.uint64), spec) % 24
+    assert sorted(set(ends.tolist())) == list(range(24))  # windows end at every hour of the day in turn
     assert per_hour <= cfg.max_epsilon_per_hour and per_day <= cfg.max_epsilon_per_day
     PrivacyPolicy().check(spec)  # the default device accepts the default task
     # and releasing every window of it never hits a cap: the budget, not the caps, is the limit
