@@ -184,6 +184,14 @@ class PrivacyPolicy:
                 f"task {spec.task_id[:12]} spends {max(spec.epsilon, spec.label_epsilon):g} on an hour with a single sample; "
                 f"this device allows {self.caps.per_hour:g} per hour (privacy.max_epsilon_per_hour)",
             )
+        if self.caps.per_day > 0:
+            one = max(max(sample_spend(e, spec).days.values()) for e in range(HOURS_PER_DAY, 2 * HOURS_PER_DAY))
+            if one > self.caps.per_day + 1e-9:
+                raise PrivacyError(
+                    "epsilon_too_large",
+                    f"task {spec.task_id[:12]} spends {one:g} on a day with a single sample; "
+                    f"this device allows {self.caps.per_day:g} per day (privacy.max_epsilon_per_day)",
+                )
         if spec.window_stride_hours < 1:
             raise PrivacyError("bad_stride", f"window stride must be >= 1 hour, got {spec.window_stride_hours}")
         if spec.epsilon + spec.label_epsilon > self.max_epsilon:

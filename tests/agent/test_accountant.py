@@ -90,6 +90,10 @@ def test_policy_refuses_a_task_whose_single_sample_exceeds_the_hour_cap() -> Non
     with pytest.raises(PrivacyError, match="per hour"):
         PrivacyPolicy(8.0, caps=HourCaps(per_hour=2.0)).check(make_spec(epsilon=4.0))
     PrivacyPolicy(8.0, caps=HourCaps(per_hour=4.0)).check(make_spec(epsilon=4.0))
+    # a sample whose window and label horizon share a day spends both on it: refused by the day cap
+    with pytest.raises(PrivacyError, match="per day"):
+        PrivacyPolicy(8.0, caps=HourCaps(per_hour=4.0, per_day=5.0)).check(make_spec(epsilon=3.0, label_epsilon=3.0))
+    PrivacyPolicy(8.0, caps=HourCaps(per_hour=4.0, per_day=6.0)).check(make_spec(epsilon=3.0, label_epsilon=3.0))
     with pytest.raises(ValueError):
         HourCaps(per_hour=-1.0)
 
