@@ -10,6 +10,8 @@ from crowdfl.config import load_config
 from crowdfl.devices import DEVICE_KINDS
 from crowdfl.mqtt import MqttSettings
 
+from .privacy import DEFAULT_MAX_EPSILON_PER_DAY, DEFAULT_MAX_EPSILON_PER_HOUR
+
 PLUG_FIRMWARES = ("tasmota", "shelly_gen1", "shelly_gen2")
 
 
@@ -27,9 +29,10 @@ class PrivacySettings:
     max_epsilon: float = 8.0  # per sample, features and labels together
     require_label_privacy: bool = False
     # caps on the budget one hour / one UTC day of the usage log may carry over every release of
-    # every task (agent.privacy.sample_spend); 0 = no cap (the spend is still accounted and shown)
-    max_epsilon_per_hour: float = 0.0
-    max_epsilon_per_day: float = 0.0
+    # every task (agent.privacy.sample_spend); on by default (agent.privacy says why these values);
+    # 0 = no cap (the spend is still accounted and shown)
+    max_epsilon_per_hour: float = DEFAULT_MAX_EPSILON_PER_HOUR
+    max_epsilon_per_day: float = DEFAULT_MAX_EPSILON_PER_DAY
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):

@@ -15,7 +15,8 @@ differential privacy"). So the agent adds no float noise. It snaps each coordina
 step ``GRID`` = 2^-12 (an integer q = round(x / GRID)), adds an integer drawn from the discrete
 Laplace distribution P(z) ∝ exp(-|z| epsilon / Δ) with the exact sampler of Canonne, Kamath &
 Steinke 2020 ("The discrete Gaussian for differential privacy", Algorithm 2: rational
-arithmetic only, no floats), using the operating system's CSPRNG (``secrets.SystemRandom``), and
+arithmetic only, no floats; run for a whole release at once with numpy on uint64 words,
+``discrete_laplace_batch``), using the operating system's CSPRNG (``os.urandom``), and
 releases GRID · (q + z), a float that is a function of integers only. Snapping moves each
 coordinate by at most GRID / 2, so two snapped vectors differ in L1 by at most
 Δ = ceil(sensitivity / GRID) + d grid steps: the integer mechanism is epsilon-DP for that Δ, and
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -45,6 +46,13 @@ from crowdfl.task import laplace_scale, prepare_features, sensitivity  # noqa: F
 
 
 HOURS_PER_DAY = 24
+
+# The owner's default caps (agent.config.PrivacySettings): any one hour, and any one UTC day, of a
+# household's usage carries at most this epsilon over every release of every task. The default task
+# (coordinator.task_model.TaskDesign: 24-hour windows every 25 hours, epsilon 4, labels in clear)
+# spends 4 on each hour and at most 8 on a day (two windows can touch one day).
+DEFAULT_MAX_EPSILON_PER_HOUR = 8.0
+DEFAULT_MAX_EPSILON_PER_DAY = 8.0
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,8 @@ class PrivacyPolicy:
 
     max_epsilon: float = 8.0  # largest per-sample epsilon (features + labels) the owner accepts
     require_label_privacy: bool = False
-    caps: HourCaps = HourCaps()  # per hour and per day of the usage log, across every release
+    # per hour and per day of the usage log, across every release; HourCaps() would switch them off
+    caps: HourCaps = HourCaps(DEFAULT_MAX_EPSILON_PER_HOUR, DEFAULT_MAX_EPSILON_PER_DAY)
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.max_epsilon) and self.max_epsilon > 0):
@@ -175,6 +184,14 @@ class PrivacyPolicy:
                 f"task {spec.task_id[:12]} spends {max(spec.epsilon, spec.label_epsilon):g} on an hour with a single sample; "
                 f"this device allows {self.caps.per_hour:g} per hour (privacy.max_epsilon_per_hour)",
             )
+        if self.caps.per_day > 0:
+            one = max(max(sample_spend(e, spec).days.values()) for e in range(HOURS_PER_DAY, 2 * HOURS_PER_DAY))
+            if one > self.caps.per_day + 1e-9:
+                raise PrivacyError(
+                    "epsilon_too_large",
+                    f"task {spec.task_id[:12]} spends {one:g} on a day with a single sample; "
+                    f"this device allows {self.caps.per_day:g} per day (privacy.max_epsilon_per_day)",
+                )
         if spec.window_stride_hours < 1:
             raise PrivacyError("bad_stride", f"window stride must be >= 1 hour, got {spec.window_stride_hours}")
         if spec.epsilon + spec.label_epsilon > self.max_epsilon:
@@ -265,6 +282,113 @@ def discrete_laplace(scale: Fraction, rng: random.Random) -> int:
         return -magnitude if negative else magnitude
 
 
+WordSource = Callable[[int], np.ndarray]  # n -> n independent uniform uint64 words
+
+
+def os_words(n: int) -> np.ndarray:
+    """n uniform 64-bit words from the OS CSPRNG (``os.urandom``)."""
+    return np.frombuffer(os.urandom(8 * n), dtype="<u8").astype(np.uint64)
+
+
+_VECTOR_LIMIT = 1 << 40  # s and t below this: d * k stays far inside uint64 for any k < 2**23
+_K_SCALAR = 64  # a Bernoulli-exp chain this long (probability < 1/63!) continues in Python ints
+
+
+def _uniform_below(m: np.ndarray, words: WordSource) -> np.ndarray:
+    """Exactly uniform integers in [0, m) per element (uint64 m >= 1), by rejection: a word w is
+    kept when w // m < floor(2^64 / m), so every residue w % m is equally likely."""
+    m = m.astype(np.uint64)
+    last = (np.uint64(0) - m) // m  # floor(2^64 / m) - 1 = floor((2^64 - m) / m): no overflow, even for m = 1
+    out = np.empty(m.shape, np.uint64)
+    todo = np.arange(m.size)
+    while todo.size:
+        w = words(todo.size)
+        ok = (w // m[todo]) <= last[todo]
+        out[todo[ok]] = w[ok] % m[todo[ok]]
+        todo = todo[~ok]
+    return out
+
+
+def _bernoulli_exp_batch(n: np.ndarray, d: int, words: WordSource) -> np.ndarray:
+    """True with probability exp(-n/d) per element, 0 <= n <= d (CKS 2020, Algorithm 1, batched:
+    each element runs its own chain k = 1, 2, ... while uniform[0, d k) < n; true if k ends odd)."""
+    n = n.astype(np.uint64)
+    k = np.ones(n.shape, np.uint64)
+    active = np.arange(n.size)
+    while active.size:
+        u = _uniform_below(np.uint64(d) * k[active], words)
+        go = u < n[active]
+        k[active[go]] += np.uint64(1)
+        active = active[go]
+        long = active[k[active] >= _K_SCALAR]
+        if long.size:  # continue these chains exactly in Python ints (never seen in practice)
+            for i in long.tolist():
+                kk = int(k[i])
+                while int(_uniform_below(np.array([d * kk], np.uint64), words)[0]) < int(n[i]):
+                    kk += 1
+                k[i] = kk
+            active = active[k[active] < _K_SCALAR]
+    return (k % np.uint64(2)) == np.uint64(1)
+
+
+def discrete_laplace_batch(scale: Fraction, size: int, words: WordSource = os_words) -> np.ndarray:
+    """``size`` independent draws of `discrete_laplace` (the same exact algorithm, CKS 2020
+    Algorithm 2, on integers only), run for all values at once with numpy on uniform 64-bit words
+    (the OS CSPRNG by default): a release of 1,024 values takes a few numpy passes instead of
+    thousands of Python-level random calls. Falls back to the scalar sampler when the scale's
+    fraction is too long for uint64 arithmetic."""
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    x = 1 / Fraction(scale)
+    s, t = x.numerator, x.denominator
+    if s >= _VECTOR_LIMIT or t >= _VECTOR_LIMIT:
+        src = OsRandom() if words is os_words else _WordsRandom(words)
+        return np.fromiter((discrete_laplace(Fraction(scale), src) for _ in range(size)), np.int64, count=size)
+    # Each candidate below is an independent run of the algorithm; a run that rejects is simply not
+    # used. Candidates are drawn in batches larger than what is missing and the accepted ones taken
+    # in index order (a choice that does not look at the values), so most releases need one pass.
+    parts: list[np.ndarray] = []
+    have = 0
+    while have < size:
+        m = int((size - have) * 1.7) + 16
+        u = _uniform_below(np.full(m, t, np.uint64), words)
+        u = u[_bernoulli_exp_batch(u, t, words)]
+        v = np.zeros(u.size, np.uint64)  # Geometric(1 - exp(-1)): successes before a failure
+        alive = np.arange(u.size)
+        while alive.size:
+            b = _bernoulli_exp_batch(np.ones(alive.size, np.uint64), 1, words)
+            v[alive[b]] += np.uint64(1)
+            alive = alive[b]
+        magnitude = ((v * np.uint64(t) + u) // np.uint64(s)).astype(np.int64)
+        negative = (words(u.size) & np.uint64(1)) == np.uint64(1)
+        ok = ~(negative & (magnitude == 0))  # zero would otherwise be counted twice
+        z = np.where(negative, -magnitude, magnitude)[ok][: size - have]
+        parts.append(z)
+        have += z.size
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+class _WordsRandom(random.Random):
+    """A `random.Random` on a word source (the scalar fallback of `discrete_laplace_batch`)."""
+
+    def __init__(self, words: WordSource) -> None:
+        self._words = words
+        super().__init__()
+
+    def seed(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    def getrandbits(self, k: int) -> int:
+        n = (k + 63) // 64
+        value = 0
+        for w in self._words(n).tolist():
+            value = (value << 64) | int(w)
+        return value >> (64 * n - k)
+
+    def random(self) -> float:
+        return self.getrandbits(53) * 2.0**-53
+
+
 def simulated_discrete_laplace(scale: float, size: int, rng: np.random.Generator) -> np.ndarray:
     """The same distribution, vectorised, from a seeded numpy Generator: the difference of two
     geometric variables. For simulations and benchmarks only; a device uses `discrete_laplace`."""
@@ -277,9 +401,10 @@ def privatise_features(
 ) -> np.ndarray:
     """Normalise, clip, snap to the grid and add discrete Laplace noise: what leaves the device.
 
-    The noise comes from the OS CSPRNG unless ``rng`` is given: a ``random.Random`` runs the same
-    exact sampler from that source (tests), a numpy Generator the vectorised simulation of the
-    same distribution (benchmarks that release millions of values). A device passes nothing.
+    The noise comes from the OS CSPRNG unless ``rng`` is given (a device passes nothing): the exact
+    sampler batched with numpy (`discrete_laplace_batch`). A ``random.Random`` runs the same exact
+    sampler one value at a time from that source (tests), a numpy Generator the vectorised
+    simulation of the same distribution (benchmarks that release millions of values).
     """
     x = prepare_features(features, spec.feature_scale, spec.clip_l1)
     if math.isinf(spec.epsilon) and spec.epsilon > 0:
@@ -290,9 +415,10 @@ def privatise_features(
     scale = Fraction(grid_sensitivity(spec.clip_l1, x.shape[1])) / Fraction(spec.epsilon)
     if isinstance(rng, np.random.Generator):
         z = simulated_discrete_laplace(float(scale), q.size, rng)
+    elif rng is None:  # a device: the exact sampler, batched, on the OS CSPRNG
+        z = discrete_laplace_batch(scale, q.size)
     else:
-        src = rng if rng is not None else OsRandom()
-        z = np.fromiter((discrete_laplace(scale, src) for _ in range(q.size)), dtype=np.int64, count=q.size)
+        z = np.fromiter((discrete_laplace(scale, rng) for _ in range(q.size)), dtype=np.int64, count=q.size)
     return ((q + z.reshape(q.shape)).astype(np.float64) * GRID).astype(np.float32)
 
 

@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--edges", type=int, default=2, help="edge servers in each demo (count; default: 2)")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds in each demo (count; default: 3)")
     p.add_argument("--quick", action="store_true",
-                   help="3 agents, 1 edge, 1 round, seed 0, 64 samples per round; writes demo.quick.json")
+                   help="3 agents, 1 edge, 1 round, seed 0, 13 samples per round; writes demo.quick.json")
     args = p.parse_args(argv)
     extra: list[str] = []
     if args.quick:
         args.seeds, args.agents, args.edges, args.rounds = "0", 3, 1, 1
-        extra = ["--samples-per-round", "64", "--days", "28"]
+        extra = ["--samples-per-round", "13", "--days", "28"]
     seeds = [int(s) for s in args.seeds.split(",")]
 
     base_wall, base_rss, base = timed_child([sys.executable, "-c", "import tensorflow, keras; tensorflow.constant(1.0) + 1"])
@@ -83,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             res = json.loads(out.read_text())
             runs.append({"seed": seed, "wall_s": wall, "peak_rss_mb": rss, "audit_ok": res["audit_ok"],
-                         "final_accuracy": res["rounds"][-1]["accuracy"], "demo_reported_seconds": res["seconds"]})
-            print(f"demo seed {seed}: {wall:.1f} s wall, peak RSS {rss:.0f} MB, final accuracy {runs[-1]['final_accuracy']:.3f}, "
+                         "final_accuracy": res["rounds"][-1]["accuracy"], "initial_accuracy": res["initial_accuracy"],
+                         "accuracy_per_round": [r["accuracy"] for r in res["rounds"]], "samples_released": res["samples_released"],
+                         "max_epsilon_per_hour": res["max_epsilon_per_hour"], "max_epsilon_per_day": res["max_epsilon_per_day"],
+                         "demo_reported_seconds": res["seconds"]})
+            print(f"demo seed {seed}: {wall:.1f} s wall, peak RSS {rss:.0f} MB, accuracy {runs[-1]['initial_accuracy']:.3f} (initial head) "
+                  f"-> {runs[-1]['final_accuracy']:.3f}, "
                   f"audit {'ok' if res['audit_ok'] else 'FAILED'}")
 
     walls, rsss = [r["wall_s"] for r in runs], [r["peak_rss_mb"] for r in runs]

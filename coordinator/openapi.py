@@ -144,10 +144,11 @@ def openapi_document() -> dict[str, Any]:
                 "customer": _HASH, "reputation": {"type": "number"}, "reward_wei": _WEI, "rounds": {"type": "object"}}}}}},
             ["task_id"]),
         "/api/v1/customers/{node_id}": _get(
-            "a device's own view: contributions (with proofs to fetch), reputation history, rewards, samples used", {
+            "a device's own view: contributions (with proofs to fetch), reputation history, rewards, samples used and the privacy each task spends per hour and per day of the household's usage", {
                 "type": "object", "properties": {"reputation": {"type": ["number", "null"]}, "rewards_wei": _WEI,
                                                  "reputation_history": {"type": "array"}, "contributions": {"type": "array"},
-                                                 "budget": {"type": "array"}}}, ["node_id"]),
+                                                 "budget": {"type": "array"}, "budget_per_hour_bound": {"type": "number"},
+                                                 "budget_per_day_bound": {"type": "number"}}}, ["node_id"]),
         "/api/v1/models/{model_hash}/verify": {"post": {
             "summary": "queue an audit of a global model from the chain and the content store alone (no database); "
                        "one runs at a time, a model already queued is not queued twice; fetch the result from result_url",

@@ -41,10 +41,17 @@ class TaskDesign:
     noise_aware_pretraining: bool = True
     window_hours: int = 24
     horizon_hours: int = 6
-    window_stride_hours: int = 1  # >= window_hours: no two released windows share an hour (agent.privacy.sample_spend)
+    # > window_hours: no two released windows share an hour, so each hour of a household's usage
+    # carries epsilon once, and a day is touched by at most two windows: 2 epsilon per day
+    # (crowdfl.task.task_spend_bound). 25 and 24 are coprime, so the windows end at every hour of the
+    # day in turn; a stride of 24 would end them all at midnight, and the head would learn only to
+    # predict the night's consumption. The price is about one sample per household per day.
+    window_stride_hours: int = 25
     feature_dim: int = 8
-    hidden_units: int = 32  # < feature_dim x (classes + 1) = 40: the edge trains this head with Adam (edge_server.trainer)
-    samples_per_round: int = 128
+    # = feature_dim x (classes + 1): room for the edge's class-statistics head (edge_server.trainer);
+    # with fewer units the edge falls back to Adam, which barely moves on a few dozen daily samples
+    hidden_units: int = 40
+    samples_per_round: int = 13  # a window every 25 hours: 3 rounds use the 39 windows of a 6-week log
     local_epochs: int = 5
     learning_rate: float = 0.005
     # the rule for rounds the coordinator cannot defend (no root dataset for the task); defended

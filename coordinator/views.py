@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from crowdfl.messages import CODEC, RoundManifest, TaskSpec
+from crowdfl.task import task_spend_bound
 
 from .db import Participant, Reputation, Round, Task, Update
 from .ledger import parse_ledger
@@ -152,6 +153,7 @@ class CoordinatorViews:
             # an edge trains on all of a customer's samples so far, so the largest count is the
             # number of distinct samples released (summing rounds would count each one again)
             budget[u.task_id] = max(budget.get(u.task_id, 0), u.num_samples)
+        spent = [_task_budget(self.spec(t), n) for t, n in budget.items()]
         return {
             "customer": node_id, "active": p.active, "edge": p.edge, "payout": p.payout,
             "reputation": next((r.reputation for r in reversed(reps) if r.task_id == latest_task), None),
@@ -168,7 +170,11 @@ class CoordinatorViews:
                 }
                 for u in ups
             ],
-            "budget": [{"task_id": t, "samples": n, "epsilon": self.spec(t).epsilon} for t, n in budget.items()],
+            "budget": spent,
+            # summed over the tasks: the most their windows (and private labels) can put on one hour /
+            # one day of this household's usage; the device's own ledger is authoritative and exact
+            "budget_per_hour_bound": sum(b["per_hour_epsilon"] for b in spent),
+            "budget_per_day_bound": sum(b["per_day_epsilon"] for b in spent),
         }
 
     def rewards(self, task_id: str) -> dict[str, Any]:
@@ -265,3 +271,14 @@ class CoordinatorViews:
         if u is None or rnd is None or u.proof is None:
             return None
         return {"update_hash": u.update_hash, "status": u.status, "reason": u.reason, "proof": json.loads(u.proof), "merkle_root": rnd.merkle_root}
+
+
+def _task_budget(spec: TaskSpec, samples: int) -> dict[str, Any]:
+    """What one task spends of a customer's privacy, per sample and per hour and day of its usage
+    (``crowdfl.task.task_spend_bound``: an upper bound, reached if the device released every window)."""
+    per_hour, per_day = task_spend_bound(spec)
+    return {
+        "task_id": spec.task_id, "samples": samples, "epsilon": spec.epsilon, "label_epsilon": spec.label_epsilon,
+        "window_hours": spec.window_hours, "window_stride_hours": spec.window_stride_hours,
+        "per_hour_epsilon": per_hour, "per_day_epsilon": per_day,
+    }

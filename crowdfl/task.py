@@ -110,3 +110,47 @@ def laplace_scale(epsilon: float, clip_l1: float, feature_dim: int) -> float:
     if not epsilon > 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     return sensitivity(clip_l1, feature_dim) / epsilon
+
+
+HOURS_PER_DAY = 24
+MAX_BOUND_PERIOD_HOURS = 24 * 24 * 7  # longer release patterns get a closed-form upper bound instead
+
+
+def task_spend_bound(spec: TaskSpec) -> tuple[float, float]:
+    """(per hour, per UTC day): the most epsilon one task can put on one hour and on one day of a
+    household's usage if its device releases every window on the task's stride.
+
+    The same accounting as the agent's ledger (``agent.privacy.sample_spend``): a released sample
+    spends ``epsilon`` on each of the ``window_hours`` hours before its id and ``label_epsilon`` on
+    each of the ``horizon_hours`` after it; per day, each of the two once for every day it touches.
+    The release pattern repeats every lcm(stride, 24) hours, so the maximum over one period is the
+    maximum over all time. Pure; what the coordinator's customer page states for a task. (For a
+    pattern longer than ``MAX_BOUND_PERIOD_HOURS``: the closed-form bound of counting every window
+    that could touch the hour or day, which is never below the exact figure.)
+    """
+    import math
+
+    s, w, hz = int(spec.window_stride_hours), int(spec.window_hours), int(spec.horizon_hours)
+    if s < 1 or w < 1 or hz < 0:
+        raise ValueError(f"bad window/stride/horizon: {w}/{s}/{hz}")
+    eps, leps = float(spec.epsilon), float(spec.label_epsilon) if spec.label_epsilon > 0 else 0.0
+    period = math.lcm(s, HOURS_PER_DAY)
+    if period > MAX_BOUND_PERIOD_HOURS:
+        per_hour = eps * math.ceil(w / s) + leps * math.ceil(hz / s)
+        per_day = eps * math.ceil((HOURS_PER_DAY - 1 + w) / s) + leps * math.ceil((HOURS_PER_DAY - 1 + hz) / s)
+        return float(per_hour), float(per_day)
+    hours = np.zeros(period, np.float64)
+    days = np.zeros(period // HOURS_PER_DAY, np.float64)
+    # every id whose window or horizon reaches into [0, period)
+    first = -((hz + s) // s) * s
+    for end in range(first, period + w + s, s):
+        for lo, hi, e in ((end - w, end, eps), (end, end + hz, leps)):
+            if e == 0 or hi <= lo:
+                continue
+            a, b = max(lo, 0), min(hi, period)
+            if a < b:
+                hours[a:b] += e
+            for day in range(lo // HOURS_PER_DAY, (hi - 1) // HOURS_PER_DAY + 1):
+                if 0 <= day < len(days):
+                    days[day] += e
+    return float(hours.max()), float(days.max())

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--edges", type=int, default=2, help="edge servers; the devices are spread over them")
     demo.add_argument("--rounds", type=int, default=3, help="federated rounds of the task")
     demo.add_argument("--epsilon", type=float, default=4.0, help="per-sample Laplace budget of the released features (epsilon, unitless)")
-    demo.add_argument("--samples-per-round", type=int, default=128, help="fresh samples each device releases per round")
+    demo.add_argument("--samples-per-round", type=int, default=13,
+                      help="fresh samples each device releases per round (the task releases a 24-hour window every 25 hours)")
     demo.add_argument("--days", type=int, default=42, help="days of usage history generated per household")
     demo.add_argument("--rule", default="fedavg", choices=["fedavg", "multi_krum", "coordinate_median", "trimmed_mean"],
                       help="the task's aggregation rule")

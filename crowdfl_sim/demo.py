@@ -50,7 +50,9 @@ class DemoOptions:
     edges: int = 2
     rounds: int = 3
     epsilon: float = 4.0
-    samples_per_round: int = 128
+    # the default task releases a 24-hour window every 25 hours (no two share an hour): 42 days of
+    # history hold 39 of them, 13 per round for 3 rounds
+    samples_per_round: int = 13
     history_days: int = 42
     held_out_households: int = 8
     aggregation: str = "fedavg"
@@ -91,6 +93,8 @@ class DemoResult:
     rewards_wei: int = 0  # settled on chain (the contract's per-round settlement totals), all rounds
     rewards_db_wei: int = 0  # the same rewards as the coordinator's database records them
     devices_verified: int = 0  # agents whose `crowdfl-agent verify` passed against the chain
+    max_epsilon_per_hour: float = 0.0  # the largest budget any hour of any agent's usage log carries (its ledger)
+    max_epsilon_per_day: float = 0.0
 
 
 class Progress:
@@ -294,7 +298,8 @@ def _make_edges(demo: _Demo, parts: _Parts, coord: _CoordinatorUp) -> list[EdgeS
 
 def _make_agents_and_register(demo: _Demo, parts: _Parts, coord: _CoordinatorUp, edges: list[EdgeServer]) -> list[Agent]:
     """One agent per generated household, served round-robin by the edges; everyone registered on chain."""
-    from agent.privacy import PrivacyPolicy
+    from agent.config import PrivacySettings
+    from agent.privacy import HourCaps, PrivacyPolicy
     from agent.service import Agent
     from agent.sources import SimulatedSource
     from agent.state import AgentState
@@ -305,6 +310,11 @@ def _make_agents_and_register(demo: _Demo, parts: _Parts, coord: _CoordinatorUp,
     registry: list[tuple] = [(e.identity.public, "edge", None, None) for e in edges]  # type: ignore[type-arg]
     payouts: list[str] = []  # the customers' payout addresses, where the contract credits rewards
     rng = np.random.default_rng(opts.seed)
+    # every device keeps its owner's defaults (caps per hour and per day on), raised only when the
+    # demo is asked for a larger epsilon per sample than they allow
+    owner = PrivacySettings()
+    caps = HourCaps(max(owner.max_epsilon_per_hour, opts.epsilon), max(owner.max_epsilon_per_day, opts.epsilon))
+    policy = PrivacyPolicy(max(owner.max_epsilon, opts.epsilon), owner.require_label_privacy, caps)
     for j in range(opts.agents):
         progress.status(f"  agents: generating household {j + 1}/{opts.agents}'s usage log…")
         ident = Identity.generate()
@@ -319,7 +329,7 @@ def _make_agents_and_register(demo: _Demo, parts: _Parts, coord: _CoordinatorUp,
         agents.append(
             Agent(
                 ident, coord.identity.public, edge.identity.public, usage, AgentState(adir / "state.sqlite"), link, coord.fetch,
-                adir / "models", PrivacyPolicy(max_epsilon=max(8.0, opts.epsilon)), np.random.default_rng([opts.seed, j, 1]),
+                adir / "models", policy, np.random.default_rng([opts.seed, j, 1]),
                 resend_after_s=10.0, simulated_noise=True,  # reproducible runs; a device uses the OS CSPRNG
             )
         )
@@ -436,6 +446,15 @@ def _devices_verify(demo: _Demo, parts: _Parts, coord: _CoordinatorUp, agents: l
 def _tally(demo: _Demo, edges: list[EdgeServer], agents: list[Agent]) -> None:
     """Samples released by the devices, messages the edges refused (by reason)."""
     demo.result.samples_released = sum(a.state.budget().samples_released for a in agents)
+    ledgers = [a.state.hour_budget() for a in agents]
+    demo.result.max_epsilon_per_hour = max((h.max_epsilon_per_hour for h in ledgers), default=0.0)
+    demo.result.max_epsilon_per_day = max((h.max_epsilon_per_day for h in ledgers), default=0.0)
+    caps = agents[0].policy.caps if agents else None
+    demo.progress.line(
+        f"privacy (the devices' own ledgers): the most any hour of any household's usage carries is epsilon "
+        f"{demo.result.max_epsilon_per_hour:g} (cap {caps.per_hour if caps else 0:g}), any UTC day "
+        f"{demo.result.max_epsilon_per_day:g} (cap {caps.per_day if caps else 0:g}), over every release"
+    )
     rejected: dict[str, int] = {}
     for e in edges:
         for k, v in e.ingestor.stats.rejected.items():

@@ -173,7 +173,6 @@ class HeadTrainer:
             eye_c = tf.constant(np.eye(c), tf.float64)
             w1 = tf.constant(np.eye(d, h), tf.float32)  # identity on the first d units, zero elsewhere
 
-            masks = [tf.constant(m) for m in finetune_masks(spec)]
             channel = label_channel(spec)
             mix = tf.constant(_channel_matrix(spec), tf.float32) if channel is not None else None
             pull = tf.constant(finetune_pull(spec), tf.float32)
@@ -191,10 +190,19 @@ class HeadTrainer:
                 b1 = tf.concat([tf.zeros([d], tf.float64), tf.reshape(mu + shift, [-1]), tf.zeros([h - d - c * d], tf.float64)], 0)
                 block = tf.reshape((-0.5 * (mu - shift))[:, :, None] * eye_c[:, None, :], [c * d, c])
                 w2 = tf.concat([tf.transpose(mu), block, tf.zeros([h - d - c * d, c], tf.float64)], 0)
-                start = [w1, tf.cast(b1, tf.float32), tf.cast(w2, tf.float32), tf.zeros([c], tf.float32)]
+                w2 = tf.cast(w2, tf.float32)
+                # Only the output layer's rows from the feature-copying units and its bias move
+                # (finetune_masks), so the fine-tuning is a logistic regression on relu(x): the
+                # product units are constants (relu(mu + s) = mu + s > 0) adding a fixed bias per
+                # class, the other units are 0. Training the d x c weights and c biases alone is the
+                # same arithmetic as the masked full-head Adam (a masked weight has zero gradient,
+                # zero moments and never moves), without the n x h hidden layer in every step.
+                hx = tf.nn.relu(x)
+                fixed = tf.cast(tf.reduce_sum((mu + shift) * (-0.5 * (mu - shift)), axis=1), tf.float32)
+                start = [w2[:d], tf.zeros([c], tf.float32)]
 
                 def loss_of(ps: list[Any]) -> Any:
-                    logits = tf.nn.relu(x @ ps[0] + ps[1]) @ ps[2] + ps[3]
+                    logits = hx @ ps[0] + fixed + ps[1]
                     if channel is None:
                         return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
                     # forward loss correction for the known label channel (Patrini et al. 2017)
@@ -209,8 +217,8 @@ class HeadTrainer:
                     tf_t = tf.cast(t, tf.float32)
                     alpha = FINETUNE_LR * tf.sqrt(1.0 - BETA_2**tf_t) / (1.0 - BETA_1**tf_t)
                     new_p, new_m, new_v = [], [], []
-                    for p, p0, g, m, v, k in zip(ps, start, grads, ms, vs, masks, strict=True):
-                        g = (g + pull * (p - p0)) * k
+                    for p, p0, g, m, v in zip(ps, start, grads, ms, vs, strict=True):
+                        g = g + pull * (p - p0)
                         m = m + (g - m) * (1.0 - BETA_1)
                         v = v + (g * g - v) * (1.0 - BETA_2)
                         new_m.append(m)
@@ -222,7 +230,8 @@ class HeadTrainer:
                 _, ps, _, _ = tf.while_loop(
                     lambda t, *_: t <= finetune_steps, step, (tf.constant(1), start, zeros, list(zeros))
                 )
-                return ps[0], ps[1], ps[2], ps[3], loss_of(ps)
+                out_w = tf.concat([ps[0], w2[d:]], 0)
+                return w1, tf.cast(b1, tf.float32), out_w, ps[1], loss_of(ps)
 
             self._fit = tf.function(
                 fit,

@@ -58,3 +58,11 @@ def test_demo_bench_quick() -> None:
     (run,) = figures["runs"]
     assert run["audit_ok"] and run["wall_s"] > 0
     assert run["peak_rss_mb"] > figures["baseline_tensorflow_import"]["peak_rss_mb"] * 0.5
+
+
+def test_edge_trainer_bench_quick() -> None:
+    figures = run_quick("bench/edge_trainer.py", "edge_trainer", 900)
+    for n in ("39", "768"):
+        row = figures["sizes"][n]
+        assert row["ours_ms"]["median"] > 0 and row["legacy_ms"]["median"] > 0
+        assert row["ratio_legacy_over_ours"] == row["legacy_ms"]["median"] / row["ours_ms"]["median"]

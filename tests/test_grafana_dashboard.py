@@ -41,7 +41,7 @@ def scrape(url: str) -> set[str]:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[str]]]:
     from agent.metrics import MetricsServer
-    from agent.privacy import PrivacyPolicy
+    from agent.privacy import HourCaps, PrivacyPolicy
     from agent.service import Agent
     from agent.state import AgentState
     from agent.usage_log import UsageLog
@@ -74,7 +74,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[
         agent = Agent(
             device, coord_id.public, edge_id.public, UsageLog(tmp / "usage.sqlite"), AgentState(tmp / "state.sqlite"),
             MqttLink(MqttSettings(), f"agent-{short}", Agent.subscriptions(short)), no_fetch, tmp / "models",
-            PrivacyPolicy(8.0), np.random.default_rng(0),
+            PrivacyPolicy(8.0, caps=HourCaps()), np.random.default_rng(0),  # many overlapping windows from a short log
         )
         stops += [agent.state.close, agent.usage_log.close]
         agent_http = MetricsServer(agent)

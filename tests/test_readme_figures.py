@@ -82,8 +82,9 @@ def front_figure() -> str:
 
 def noise_figure() -> str:
     n = result("agent_front")["figures"]["noise"]
-    return (f"{n['discrete_os_csprng_ms_per_release']:.0f} ms vs {n['float_laplace_ms_per_release']:.2f} ms for "
-            f"{n['samples']} samples × {n['values'] // n['samples']} features ({n['discrete_us_per_value']:.0f} µs a value)")
+    return (f"{n['discrete_os_csprng_ms_per_release']:.2f} ms batched vs {n['discrete_scalar_ms_per_release']:.0f} ms one value at a time "
+            f"vs {n['float_laplace_ms_per_release']:.2f} ms float, for {n['samples']} samples × {n['values'] // n['samples']} features "
+            f"({n['discrete_us_per_value']:.2f} µs a value)")
 
 
 def _mgas(x: float) -> str:
@@ -106,6 +107,18 @@ def gas_figure() -> str:
             f"and scaled linearly (same transaction each time)")
 
 
+def edge_trainer_figure() -> str:
+    f = result("edge_trainer")["figures"]["sizes"]
+
+    def size(n: str) -> str:
+        r = f[n]
+        return (f"{r['ours_ms']['median']:.1f} ms vs {r['legacy_ms']['median']:,.0f} ms ({r['ratio_legacy_over_ours']:.0f}×) "
+                f"at {r['samples']} samples")
+
+    loads = [x for n in f for x in f[n]["load_avg_1m"]]
+    return f"{size('768')}; {size('39')} (medians; load {min(loads):.0f}–{max(loads):.0f} on 2 CPUs)"
+
+
 # README "Measured" row (the start of its first cell) -> (bench result, the figure cell rebuilt from it)
 TABLE: dict[str, tuple[str, Callable[[], str]]] = {
     "edge ingest": ("ingest", ingest_figure),
@@ -114,6 +127,7 @@ TABLE: dict[str, tuple[str, Callable[[], str]]] = {
     "int8 front on the device": ("agent_front", front_figure),
     "one release's noise": ("agent_front", noise_figure),
     "gas of a whole round": ("gas", gas_figure),
+    "edge training, per customer and round": ("edge_trainer", edge_trainer_figure),
 }
 # figure cells that are only a link to a report generated from a committed result
 LINKED_REPORTS = {

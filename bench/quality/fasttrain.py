@@ -21,7 +21,7 @@ from crowdfl.backmodel import check_back_weights
 from crowdfl.messages import TaskSpec
 from edge_server.store import CustomerData
 from edge_server.trainer import (
-    FINETUNE_LR, FINETUNE_STEPS, HeadTrainer, _channel_matrix, class_means_of, finetune_masks, finetune_pull, label_channel,
+    FINETUNE_LR, FINETUNE_STEPS, HeadTrainer, _channel_matrix, class_means_of, finetune_pull, label_channel,
     product_shift, statistics_head_fits,
 )
 
@@ -63,19 +63,23 @@ def train_numpy(global_weights: Sequence[np.ndarray], data: CustomerData, spec: 
 
 
 def _finetune(start: list[np.ndarray], x: np.ndarray, y: np.ndarray, spec: TaskSpec) -> list[np.ndarray]:
-    """Full-batch Adam from the statistics head, pulled towards it, product units frozen."""
-    masks = finetune_masks(spec)
+    """Full-batch Adam from the statistics head, pulled towards it, product units frozen: as the
+    edge does it, a logistic regression on relu(x) for the output rows of the feature-copying units
+    and the output bias (the only weights `finetune_masks` lets move; the product units add a
+    fixed bias per class)."""
+    d = spec.feature_dim
+    w1, b1, w2, b2 = start
     pull = np.float32(finetune_pull(spec))
     mix = _channel_matrix(spec) if label_channel(spec) is not None else None
-    params = [p.copy() for p in start]
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
+    hx = np.maximum(x, np.float32(0.0))
+    fixed = (np.maximum(b1[d:], 0.0) @ w2[d:]).astype(np.float32)
+    p0 = [w2[:d].copy(), b2.copy()]
+    params = [q.copy() for q in p0]
+    m = [np.zeros_like(q) for q in params]
+    v = [np.zeros_like(q) for q in params]
     n = len(y)
     for step in range(1, FINETUNE_STEPS + 1):
-        w1, b1, w2, b2 = params
-        pre = x @ w1 + b1
-        h = np.maximum(pre, 0.0)
-        logits = h @ w2 + b2
+        logits = hx @ params[0] + fixed + params[1]
         logits = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
@@ -86,15 +90,14 @@ def _finetune(start: list[np.ndarray], x: np.ndarray, y: np.ndarray, spec: TaskS
             col = mix[:, y].T
             r = (p * col).sum(axis=1, keepdims=True) + np.float32(1e-12)
             g_logits = (-p * (col - r) / r / n).astype(np.float32)
-        g_h = (g_logits @ w2.T) * (pre > 0)
-        grads = (x.T @ g_h, g_h.sum(axis=0), h.T @ g_logits, g_logits.sum(axis=0))
+        grads = (hx.T @ g_logits, g_logits.sum(axis=0))
         alpha = np.float32(FINETUNE_LR * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step))
         for i, g in enumerate(grads):
-            g = ((g + pull * (params[i] - start[i])) * masks[i]).astype(np.float32)
+            g = (g + pull * (params[i] - p0[i])).astype(np.float32)
             m[i] += (g - m[i]) * np.float32(1 - BETA_1)
             v[i] += (g * g - v[i]) * np.float32(1 - BETA_2)
             params[i] = (params[i] - alpha * m[i] / (np.sqrt(v[i]) + np.float32(EPSILON))).astype(np.float32)
-    return params
+    return [w1, b1, np.concatenate([params[0], w2[d:]]).astype(np.float32), params[1]]
 
 
 def train_numpy_sgd(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:

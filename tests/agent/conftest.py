@@ -20,6 +20,9 @@ def designed_task():  # type: ignore[no-untyped-def]
     from coordinator.task_model import TaskDesign, design_task
 
     return design_task(
-        TaskDesign(rounds=3, epsilon=4.0, samples_per_round=16, lab_households=3, lab_days=14, local_epochs=2, seed=11),
+        # windows sliding by an hour (not the default task's daily stride): the agent tests release
+        # 16 samples a round from 4-day logs, with the caps off where they say so
+        TaskDesign(rounds=3, epsilon=4.0, samples_per_round=16, lab_households=3, lab_days=14, local_epochs=2, seed=11,
+                   window_stride_hours=1),
         HISTORY_START,
     )

@@ -86,3 +86,28 @@ def test_csv_import_validates_rows_and_the_header(tmp_path: Path, capsys: pytest
     bad.write_text("device,when,watts\nx,1,2\n")
     assert main(["--config", str(cfg), "import", str(bad)]) == 2
     assert "lacks column(s) device_id" in capsys.readouterr().err
+
+
+def test_status_shows_the_budget_per_hour_and_day_beside_the_default_caps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.privacy import release_spend
+    from agent.state import AgentState
+    from tests.helpers import make_spec
+
+    cfg = _cfg(tmp_path)
+    (tmp_path / "state").mkdir()
+    spec = make_spec(epsilon=4.0, window_hours=24, window_stride_hours=24)
+    h0 = 490_000 * 24  # midnight UTC
+    state = AgentState(tmp_path / "state" / "state.sqlite")
+    try:  # two daily windows, as the default task releases them
+        state.release("t", 1, [h0 + 24, h0 + 48], 4.0, "x", lambda s: b"e", spend=release_spend([h0 + 24, h0 + 48], spec))
+    finally:
+        state.close()
+    assert main(["--config", str(cfg), "status"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    p = st["privacy_per_hour"]
+    assert (p["max_epsilon_per_hour"], p["max_epsilon_per_day"], p["hours_accounted"]) == (4.0, 4.0, 48)
+    assert (p["cap_per_hour"], p["cap_per_day"]) == (8.0, 8.0)  # on when the owner sets nothing
+    off = _cfg(tmp_path, "[privacy]\nmax_epsilon_per_hour = 0\nmax_epsilon_per_day = 0\n")
+    assert main(["--config", str(off), "status"]) == 0
+    p = json.loads(capsys.readouterr().out)["privacy_per_hour"]
+    assert (p["cap_per_hour"], p["cap_per_day"]) == (None, None)

@@ -113,6 +113,64 @@ def test_exact_sampler_matches_the_discrete_laplace_pmf(scale: float) -> None:
     assert wrong > dof + 5 * np.sqrt(2 * dof)
 
 
+@pytest.mark.parametrize("scale", [0.7, 3.0, 41.0, 2050.0])
+def test_batched_exact_sampler_matches_the_discrete_laplace_pmf(scale: float) -> None:
+    """The numpy-batched sampler a device uses (same algorithm on uint64 words): the same chi-square
+    against the pmf, from seeded words; 10% off in the scale fails it."""
+    from fractions import Fraction
+
+    from agent.privacy import discrete_laplace_batch
+
+    gen = np.random.default_rng(11)
+
+    def words(k: int) -> np.ndarray:
+        return gen.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
+
+    n = 30_000
+    z = discrete_laplace_batch(Fraction(scale), n, words)
+    assert z.shape == (n,) and z.dtype == np.int64
+    p = np.exp(-1.0 / scale)
+    assert np.abs(z).mean() == pytest.approx(2 * p / (1 - p * p), rel=0.03)
+    assert abs(z.mean()) < 4 * np.sqrt(2 * p / (1 - p) ** 2 / n)
+
+    def chi2(s: float) -> tuple[float, int]:
+        edges = np.unique(np.round(np.quantile(np.abs(z), np.linspace(0, 1, 12)[1:-1]))).astype(int)
+        bins = np.concatenate([[-np.inf], -edges[::-1] - 0.5, edges + 0.5, [np.inf]])
+        obs = np.histogram(z, bins)[0]
+        grid = np.arange(-int(60 * s) - 10, int(60 * s) + 11)
+        exp = np.histogram(grid, bins, weights=_dlap_pmf(grid, s))[0] * n
+        return float(((obs - exp) ** 2 / exp).sum()), len(obs) - 1
+
+    stat, dof = chi2(scale)
+    assert stat < dof + 5 * np.sqrt(2 * dof)
+    wrong, _ = chi2(scale * 1.1)
+    assert wrong > dof + 5 * np.sqrt(2 * dof)
+
+
+def test_batched_sampler_edge_cases() -> None:
+    """Uniform draws below m = 1 (the Geometric part's first step) and scales whose fraction is too
+    long for uint64 (the scalar fallback) still give the right distribution; the OS source too."""
+    from fractions import Fraction
+
+    from agent.privacy import _uniform_below, discrete_laplace_batch
+
+    gen = np.random.default_rng(5)
+
+    def words(k: int) -> np.ndarray:
+        return gen.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
+
+    assert not _uniform_below(np.ones(1000, np.uint64), words).any()
+    r = _uniform_below(np.full(60_000, 3, np.uint64), words)
+    assert set(np.unique(r).tolist()) == {0, 1, 2} and np.bincount(r.astype(np.int64)).min() > 19_000
+    long = Fraction(0.1) * 30  # numerator and denominator beyond 2^40: the scalar sampler
+    z = discrete_laplace_batch(long, 4_000, words)
+    p = np.exp(-1.0 / float(long))
+    assert np.abs(z).mean() == pytest.approx(2 * p / (1 - p * p), rel=0.08)
+    z = discrete_laplace_batch(Fraction(25), 20_000)  # os.urandom
+    p = np.exp(-1.0 / 25)
+    assert np.abs(z).mean() == pytest.approx(2 * p / (1 - p * p), rel=0.05)
+
+
 def test_os_random_sampler_has_the_right_scale() -> None:
     """From the OS CSPRNG (not reproducible): mean |z| within 5% (≈ 7 standard errors)."""
     from fractions import Fraction

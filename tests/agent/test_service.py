@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.privacy import PrivacyPolicy
+from agent.privacy import HourCaps, PrivacyPolicy
 from agent.service import Agent
 from agent.state import AgentState
 from agent.usage_log import UsageLog
@@ -46,7 +46,9 @@ class Parts:
         return Agent(
             self.device, self.coord.public, self.edge.public, UsageLog(self.tmp / "usage.sqlite"),
             AgentState(self.tmp / "state.sqlite"), link, self.fetch, self.tmp / "models",
-            PrivacyPolicy(8.0), np.random.default_rng(0),
+            # caps off: these tests release many overlapping windows from a 4-day log to exercise the
+            # ledger and spool; the owner's default caps are tested below and in test_accountant.py
+            PrivacyPolicy(8.0, caps=HourCaps()), np.random.default_rng(0),
         )
 
     def task_msg(self) -> Incoming:
@@ -152,8 +154,6 @@ def test_metrics_endpoint_reports_budget_and_spool(tmp_path: Path, designed_task
 
 
 def test_the_agent_releases_only_what_the_hour_caps_allow_and_then_refuses(tmp_path: Path, designed_task) -> None:  # type: ignore[no-untyped-def]
-    from agent.privacy import HourCaps
-
     parts = Parts(tmp_path, designed_task)
     spec = designed_task.spec
     cap = 2 * spec.epsilon  # each hour may be in at most two released windows
@@ -193,5 +193,58 @@ def test_a_device_draws_its_release_noise_from_the_os_csprng(tmp_path: Path, des
         assert seen == [None], seen
         agent.simulated_noise = True
         assert agent.noise_source() is agent.rng
+    finally:
+        close(agent)
+
+
+def test_with_the_owners_defaults_the_default_stride_costs_each_hour_epsilon_once(tmp_path: Path, designed_task) -> None:  # type: ignore[no-untyped-def]
+    """The default device (caps per hour and per day on) and a task on the default stride (24-hour
+    windows every 25 hours): every window is released, no hour carries more than the per-sample
+    epsilon and no day more than twice it. The same device holds a task sliding by one hour to its caps."""
+    import dataclasses
+
+    from agent.config import PrivacySettings
+
+    from coordinator.task_model import TaskDesign
+
+    owner = PrivacySettings()
+    stride = TaskDesign().window_stride_hours
+    daily = dataclasses.replace(designed_task, spec=dataclasses.replace(designed_task.spec, window_stride_hours=stride))
+    parts = Parts(tmp_path, daily)
+    agent = parts.agent()
+    agent.policy = PrivacyPolicy(owner.max_epsilon, owner.require_label_privacy, HourCaps(owner.max_epsilon_per_hour, owner.max_epsilon_per_day))
+    assert agent.policy == PrivacyPolicy()  # what a device gets when its owner sets nothing
+    try:
+        agent.handle(parts.task_msg())
+        agent.handle(parts.round_msg(1))
+        agent.handle(parts.round_msg(2))
+        from agent.privacy import releasable
+        from agent.samples import samples_from_log
+
+        windows = releasable(samples_from_log(agent.usage_log, daily.spec).ids, daily.spec)
+        assert len(windows) >= 2 and (windows % stride == 0).all()  # the log's complete windows on the stride
+        assert agent.state.budget().samples_released == len(windows)  # every one of them, within the caps
+        hours = agent.state.hour_budget()
+        assert hours.max_epsilon_per_hour == pytest.approx(daily.spec.epsilon)  # no hour in two windows
+        assert hours.max_epsilon_per_day <= 2 * daily.spec.epsilon + 1e-9
+        assert hours.hours_accounted == 24 * len(windows)
+        assert agent.stats.budget_refusals == 0  # round 2 found no fresh window, not a cap
+    finally:
+        close(agent)
+
+    sliding_dir = tmp_path / "sliding"
+    sliding_dir.mkdir()
+    parts = Parts(sliding_dir, designed_task)  # stride 1: a window ending every hour
+    agent = parts.agent()
+    agent.policy = PrivacyPolicy()
+    try:
+        agent.handle(parts.task_msg())
+        for n in range(1, 4):
+            agent.handle(parts.round_msg(n))
+        hours = agent.state.hour_budget()
+        assert 0 < agent.state.budget().samples_released < designed_task.spec.samples_per_round
+        assert hours.max_epsilon_per_hour <= owner.max_epsilon_per_hour + 1e-9
+        assert hours.max_epsilon_per_day <= owner.max_epsilon_per_day + 1e-9
+        assert agent.stats.budget_refusals >= 1  # the later rounds found nothing within the caps
     finally:
         close(agent)

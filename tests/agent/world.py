@@ -179,6 +179,10 @@ class World:
             f'url = "{self.api.url}"',
             "[privacy]",
             "max_epsilon = 8.0",
+            # caps off: these worlds release many overlapping windows from a 4-day log to exercise
+            # the spool and the ledger (the default caps: tests/agent/test_service.py, test_accountant.py)
+            "max_epsilon_per_hour = 0",
+            "max_epsilon_per_day = 0",
         ]
         return "\n".join(lines) + "\n" + extra
 

@@ -138,7 +138,16 @@ def test_dashboard_json_model_download_and_removal(setup: tuple[World, FlaskClie
     me = client.get(f"/api/v1/customers/{w.devices[0].node_id}").json
     assert [(c["round"], c["status"]) for c in me["contributions"]] == [(1, "accepted")]
     assert me["reputation"] == rep[w.devices[0].node_id][-1]["reputation"] and int(me["rewards_wei"]) > 0
-    assert me["budget"] == [{"task_id": task_id, "samples": 10, "epsilon": spec.epsilon}]
+    # per hour of the household's usage: every released window covering the hour counts (sliding
+    # windows: window_hours / stride of them); per day, every window touching the day
+    per_hour = spec.epsilon * -(-spec.window_hours // spec.window_stride_hours)
+    per_day = spec.epsilon * len([e for e in range(1, 24 + spec.window_hours) if e % spec.window_stride_hours == 0])
+    assert me["budget"] == [{
+        "task_id": task_id, "samples": 10, "epsilon": spec.epsilon, "label_epsilon": spec.label_epsilon,
+        "window_hours": spec.window_hours, "window_stride_hours": spec.window_stride_hours,
+        "per_hour_epsilon": per_hour, "per_day_epsilon": per_day,
+    }]
+    assert (me["budget_per_hour_bound"], me["budget_per_day_bound"]) == (per_hour, per_day)
     assert client.get(f"/api/v1/customers/{w.edge.node_id}").status_code == 404
     rewards = client.get(f"/api/v1/tasks/{task_id}/rewards").json
     assert rewards["rounds"][0]["paid_wei"] == "500" and rewards["rounds"][0]["credit_tx"]

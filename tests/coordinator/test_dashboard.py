@@ -81,7 +81,7 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
     def run() -> None:
         try:
             results.append(run_demo(DemoOptions(
-                agents=4, edges=2, rounds=3, samples_per_round=64, history_days=28, seed=5,
+                agents=4, edges=2, rounds=3, samples_per_round=8, history_days=28, seed=5,  # 25 or 26 windows every 25 h
                 workdir=tmp_path / "demo", hold=hold, on_dashboard=on_dashboard,
             ), open(os.devnull, "w")))
         except BaseException as exc:  # surfaced in the test thread
@@ -139,8 +139,11 @@ def test_dashboard_during_a_demo(browser, tmp_path: Path) -> None:  # type: igno
         device = sorted(_get(f"{api}/api/v1/tasks/{task_id}/rounds/1/updates"), key=lambda u: u["customer"])[0]["customer"]  # type: ignore[arg-type,index]
         driver.get(f"{api}/dashboard/customer?device={device}")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#contributions-table tbody tr")) == 3)
-        # 64 fresh samples a round, each released once: 192, not the 64 + 128 + 192 the edge trained on
-        assert "192 samples used at epsilon 4.00" in driver.find_element(By.ID, "budget-table").text
+        # 8 fresh samples a round, each released once: 24, not the 8 + 16 + 24 the edge trained on;
+        # the default task's windows do not overlap: each hour carries epsilon 4 once, a day at most two windows
+        row = driver.find_element(By.CSS_SELECTOR, "#budget-table tbody tr")
+        assert [c.text for c in row.find_elements(By.CSS_SELECTOR, "td")][1:] == ["24", "4.00 (labels in clear)", "24 h, every 25 h", "4.00", "8.00"]
+        assert "any one hour of your household's usage carries at most epsilon 4.00, any one day at most 8.00" in driver.find_element(By.ID, "budget-summary").text
         assert driver.find_element(By.CSS_SELECTOR, "#summary span.eth").get_attribute("title").endswith(" wei")
         for button in driver.find_elements(By.CSS_SELECTOR, "button.proof-button"):
             button.click()

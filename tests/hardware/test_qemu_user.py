@@ -31,7 +31,7 @@ from tests.support.realparts import find_executable
 pytestmark = [pytest.mark.realpart, pytest.mark.slow]
 
 DEVICES = 3
-SAMPLES_PER_ROUND = 32
+SAMPLES_PER_ROUND = 16  # the default task: a 24-hour window every 25 hours; the 28-day backfill holds about 26
 
 
 CHROOT_SCRIPT = """

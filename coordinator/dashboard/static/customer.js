@@ -65,8 +65,14 @@
       summary.className = "";
       summary.replaceChildren(`reputation ${fmt(c.reputation)} · ${c.contributions.length} contributions · rewards `, ethAmount(c.rewards_wei), " (as the coordinator says; check each on chain below)");
       lineChart(document.getElementById("customer-reputation-chart"), [{ name: "you", points: c.reputation_history.map((p) => ({ x: p.round, y: p.reputation })) }], { yLabel: "reputation" });
+      document.getElementById("budget-summary").textContent = c.budget.length
+        ? `Over these tasks, any one hour of your household's usage carries at most epsilon ${fmt(c.budget_per_hour_bound, 2)}, any one day at most ${fmt(c.budget_per_day_bound, 2)}.`
+        : "No samples released yet.";
       document.querySelector("#budget-table tbody").replaceChildren(...c.budget.map((b) => el("tr", {},
-        el("td", { class: "hash" }, short(b.task_id)), el("td", {}, `${b.samples} samples used at epsilon ${fmt(b.epsilon, 2)} each`))));
+        el("td", { class: "hash" }, short(b.task_id)), el("td", { class: "num" }, String(b.samples)),
+        el("td", { class: "num" }, fmt(b.epsilon, 2) + (b.label_epsilon > 0 ? ` + ${fmt(b.label_epsilon, 2)} (labels)` : " (labels in clear)")),
+        el("td", {}, `${b.window_hours} h, every ${b.window_stride_hours} h`),
+        el("td", { class: "num budget-hour" }, fmt(b.per_hour_epsilon, 2)), el("td", { class: "num budget-day" }, fmt(b.per_day_epsilon, 2)))));
       const rows = c.contributions.map((u) => {
         const cell = el("td", { class: "proof-result muted" }, "");
         cell.append(el("button", { class: "proof-button", onclick: () => checkProof(u, cell) }, "check on chain"));
