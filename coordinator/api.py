@@ -17,6 +17,7 @@ from functools import wraps
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from sqlalchemy.exc import InterfaceError, OperationalError
 from web3 import Web3
 from werkzeug.exceptions import HTTPException
 
@@ -142,6 +143,16 @@ def create_app(coord: Coordinator, admin_token: str = "", public_rpc_url: str = 
     def bad_request(exc: BadRequest) -> Any:
         log.warning("%s %s refused: %s", request.method, request.path, exc.detail)
         return error(exc.code, exc.detail, exc.status)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def database_unavailable(exc: OperationalError | InterfaceError) -> Any:
+        # e.g. PostgreSQL restarting: say so (503, retry later) instead of an anonymous 500
+        first = str(exc.orig).strip().splitlines()[0][:200] if exc.orig is not None else type(exc).__name__
+        log.error("%s %s: database unavailable: %s", request.method, request.path, first)
+        resp, status = error("database_unavailable", f"the coordinator's database is unavailable ({first}); retry later", 503)
+        resp.headers["Retry-After"] = "5"
+        return resp, status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
