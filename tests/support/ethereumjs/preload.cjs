@@ -22,9 +22,9 @@
 //    ever (and 0.9.0's sync loop is by then parked on a finished fetcher: it never asks again).
 //    The nudge does what geth's chain syncer does: when our head has not moved for 2 s, it asks
 //    every peer (once a second) for the headers after our head (GetBlockHeaders from height+1,
-//    up to 64) and hands what a peer has to the client's own NewBlockHashes path, so the fetcher
-//    gets the missing blocks. A real remedy for a real network: one small request per peer per
-//    second, and only while the chain stands still.
+//    up to 64), fetches their bodies and imports the blocks as the client's BlockFetcher does
+//    (falling back on the client's NewBlockHashes path). A real remedy for a real network: one
+//    small request per peer per second, and only while the chain stands still.
 //
 //    CROWDFL_SYNC_NUDGE=0 switches it (and 5) off, to show the stall it prevents.
 //
@@ -123,8 +123,8 @@ const NUDGE_EVERY_MS = 1000;
 const NUDGE_AFTER_STILL_MS = 2000;
 
 async function nudge(sync, handleNewBlockHashes) {
-  // Our head has not moved for a while: ask each peer for the headers after it. What a peer has,
-  // we treat as if it had been announced (NewBlockHashes): the client's fetcher gets the blocks.
+  // Our head has not moved for a while: ask each peer for the headers after it, fetch what a peer
+  // has and import it (or, failing that, treat it as announced: NewBlockHashes).
   const blocks = sync.chain.blocks;
   const height = blocks.height;
   if (sync.__crowdflHeight !== height) {
@@ -144,13 +144,34 @@ async function nudge(sync, handleNewBlockHashes) {
     const last = headers[headers.length - 1];
     sync.config.logger.info(`Sync nudge: peer ${peer.id.slice(0, 8)} has blocks ${height + 1n}..${last.number} we were not told about; fetching them`);
     sync.__crowdflSince = Date.now();
-    if (sync.fetcher && !sync.fetcher.syncErrored) {
-      handleNewBlockHashes.call(sync, headers.map((h) => [h.hash(), h.number]));
-    } else {
-      // no fetcher: record the peer's real head, which the sync loop's next best() reads
-      let td = blocks.td;
-      for (const h of headers) td += h.difficulty;
-      peer.eth.status.td = td;
+    if (BlockClass !== undefined) {
+      // fetch the bodies and import the blocks ourselves, as the client's BlockFetcher does
+      const got2 = await Promise.race([
+        peer.eth.getBlockBodies({ hashes: headers.map((h) => h.hash()) }),
+        new Promise((resolve) => setTimeout(resolve, 5000).unref()),
+      ]);
+      const bodies = Array.isArray(got2) && Array.isArray(got2[1]) ? got2[1] : [];
+      const fetched = [];
+      for (const [i, body] of bodies.entries()) {
+        const values = [headers[i].raw(), body[0], body[1]];
+        if (body[2] !== undefined) values.push(body[2]);
+        const block = BlockClass.fromValuesArray(values, { common: headers[i].common });
+        await block.validateData();
+        fetched.push(block);
+      }
+      if (fetched.length > 0) {
+        const stored = await sync.chain.putBlocks(fetched);
+        sync.config.events.emit('sync:fetcher:fetched_blocks', fetched.slice(0, stored));
+        sync.config.logger.info(`Sync nudge: imported ${stored} block(s) up to ${fetched[fetched.length - 1].header.number}`);
+        return;
+      }
+    }
+    // fall back on the client's own announcement path
+    handleNewBlockHashes.call(sync, headers.map((h) => [h.hash(), h.number]));
+    let td = blocks.td;
+    for (const h of headers) td += h.difficulty;
+    if (peer.eth.status.td < td) {
+      peer.eth.status.td = td;  // and the peer's head as the sync loop's best() reads it
       peer.eth.status.bestHash = last.hash();
     }
     return;
@@ -209,14 +230,25 @@ function installDropHook(proto, handleNewBlockHashes) {
   }
 }
 
+let BlockClass;  // @ethereumjs/block's Block, the instance the client itself loaded
+
 const origLoad = Module._load;
 Module._load = function load(...args) {
   const exported = origLoad.apply(this, args);
   if (exported) {
-    const Miner = exported.Miner;
-    if (typeof Miner === 'function' && Miner.prototype.assembleBlock) patchMiner(Miner);
-    const FullSynchronizer = exported.FullSynchronizer;
-    if (typeof FullSynchronizer === 'function' && FullSynchronizer.prototype.best) patchFullSync(FullSynchronizer);
+    // `in`, not a property read: reading a missing export of a module that is still loading
+    // (a circular require) makes node print a warning
+    if (BlockClass === undefined && 'Block' in exported && typeof exported.Block === 'function'
+        && typeof exported.Block.fromValuesArray === 'function') {
+      BlockClass = exported.Block;
+    }
+    if ('Miner' in exported && typeof exported.Miner === 'function' && exported.Miner.prototype.assembleBlock) {
+      patchMiner(exported.Miner);
+    }
+    if ('FullSynchronizer' in exported && typeof exported.FullSynchronizer === 'function'
+        && exported.FullSynchronizer.prototype.best) {
+      patchFullSync(exported.FullSynchronizer);
+    }
   }
   return exported;
 };
