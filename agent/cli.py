@@ -87,7 +87,7 @@ def build_agent(cfg: AgentConfig, ident: Identity) -> Agent:
     short = short_id(ident.node_id)
     mqtt: MqttSettings = cfg.mqtt if cfg.mqtt.username else _with_username(cfg.mqtt, short)
     link = MqttLink(mqtt, f"agent-{short}", Agent.subscriptions(short))
-    return Agent(
+    agent = Agent(
         ident, coordinator, edge,
         UsageLog(cfg.state_dir / "usage.sqlite", Retention(cfg.log.retention_days, cfg.log.max_rows)),
         AgentState(cfg.state_dir / "state.sqlite", int(cfg.max_spool_mb * 1024 * 1024)),
@@ -98,6 +98,8 @@ def build_agent(cfg: AgentConfig, ident: Identity) -> Agent:
         ),
         np.random.default_rng(), cfg.resend_after_s,
     )
+    agent.retry_every_s = cfg.retry_every_s
+    return agent
 
 
 def _with_username(m: MqttSettings, user: str) -> MqttSettings:

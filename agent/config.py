@@ -122,6 +122,8 @@ class AgentConfig:
     chain: ChainSettings = field(default_factory=ChainSettings)
     max_spool_mb: float = 64.0
     resend_after_s: float = 30.0
+    # how often a selected round that released nothing yet (no fresh sample, a full disk) is retried
+    retry_every_s: float = 30.0
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long to wait for the edge to acknowledge the spool
     metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:<port>; 0 = off
 
@@ -138,6 +140,8 @@ class AgentConfig:
             ids.add(p.log_id)
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("metrics_port must be 0 (off) or a TCP port")
+        if not 0 < self.retry_every_s <= 3600:
+            raise ValueError("retry_every_s must be in (0, 3600]")
         if not 0 <= self.shutdown_grace_s <= 25:
             raise ValueError("shutdown_grace_s must be in [0, 25] (systemd stops the unit after 30 s)")
 

@@ -23,6 +23,10 @@ def render_agent_metrics(agent: Agent) -> str:
     hours = agent.state.hour_budget()
     x.gauge("crowdfl_agent_epsilon_max_per_hour", "Largest epsilon one hour of the usage log carries, over every release.", hours.max_epsilon_per_hour)
     x.gauge("crowdfl_agent_epsilon_max_per_day", "Largest epsilon one UTC day of the usage log carries, over every release.", hours.max_epsilon_per_day)
+    x.counter(
+        "crowdfl_agent_storage_errors_total", "Writes to the local state that failed (e.g. a full disk); retried, nothing half-kept.",
+        agent.stats.storage_errors,
+    )
     x.counter("crowdfl_agent_budget_refusals_total", "Rounds with nothing releasable within the per-hour/day caps.", agent.stats.budget_refusals)
     x.gauge("crowdfl_agent_spool_pending", "Envelopes waiting for the edge's acknowledgement.", len(agent.state.pending(limit=1_000_000)))
     x.gauge("crowdfl_agent_spool_bytes", "Bytes in the outgoing spool.", agent.state.spool_bytes())

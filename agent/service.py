@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import errno
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +52,18 @@ class AgentStats:
     refused_tasks: int = 0
     refused_envelopes: int = 0  # refused for good by the edge (Nack) and dropped from the spool
     budget_refusals: int = 0  # rounds where every candidate sample would pass the per-hour/day caps
+    storage_errors: int = 0  # writes to the state database that failed (a full disk): retried, never half-done
+
+
+# errors of the device's own storage: the operation is retried later, the agent keeps running
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+def storage_error(exc: BaseException) -> bool:
+    """A failure of the local disk (SQLite's "database or disk is full", ENOSPC, EIO, ...)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
 
 class Agent:
@@ -178,8 +192,23 @@ class Agent:
             log.info("round %d of task %s: already contributed %d samples", rs.round, rs.task_id[:12], done)
             return
         self._waiting.pop(rs.task_id, None)
-        if self.contribute(task, rs.round) is None:
+        if self._contribute_or_wait(task, rs.round) is None:
             self._waiting[rs.task_id] = rs.round
+
+    def _contribute_or_wait(self, task: ActiveTask, round_: int) -> int | None:
+        """``contribute``, except that a failing disk leaves the round to be retried (the release is
+        one transaction: nothing of it was kept)."""
+        try:
+            return self.contribute(task, round_)
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not storage_error(exc):
+                raise
+            self._storage_failed(f"round {round_} of task {task.spec.task_id[:12]}: nothing released, retried in {self.retry_every_s:g} s", exc)
+            return None
+
+    def _storage_failed(self, what: str, exc: BaseException) -> None:
+        self.stats.storage_errors += 1
+        log.error("local storage failed (%s): %s", exc, what)
 
     def retry_waiting(self) -> None:
         """Contribute to selected rounds that found no fresh sample, if they are still current."""
@@ -187,7 +216,7 @@ class Agent:
             task = self.tasks.get(task_id)
             if task is None or task.last_round != round_ or self.state.released_in_round(task_id, round_):
                 self._waiting.pop(task_id, None)
-            elif self.contribute(task, round_) is not None:
+            elif self._contribute_or_wait(task, round_) is not None:
                 self._waiting.pop(task_id, None)
 
     def _on_ack(self, ack: Ack) -> None:
@@ -256,12 +285,19 @@ class Agent:
             msg = self.link.inbox.get(timeout=timeout)
         except queue.Empty:
             msg = None
-        if msg is not None:
-            self.handle(msg)
-        if self._waiting and time.monotonic() >= self._next_retry:
-            self._next_retry = time.monotonic() + self.retry_every_s
-            self.retry_waiting()
-        self.uplink.flush()
+        try:
+            if msg is not None:
+                self.handle(msg)
+            if self._waiting and time.monotonic() >= self._next_retry:
+                self._next_retry = time.monotonic() + self.retry_every_s
+                self.retry_waiting()
+            self.uplink.flush()
+        except (sqlite3.OperationalError, OSError) as exc:
+            if not storage_error(exc):
+                raise
+            # e.g. an acknowledgement that could not be recorded: the envelope stays in the spool,
+            # is resent, and the edge (which stored it once) acknowledges it again
+            self._storage_failed("an acknowledgement or a resend was not recorded; retried", exc)
 
     def run(self, stop: threading.Event, shutdown_grace_s: float = 0.0, before_close: Callable[[], None] | None = None) -> None:
         """Serve until ``stop``; then give the edge ``shutdown_grace_s`` to acknowledge the spool.

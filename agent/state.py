@@ -182,7 +182,10 @@ class AgentState:
                 self._db.execute("INSERT INTO spool (seq, topic, payload, created_at) VALUES (?, ?, ?, ?)", (seq, topic, payload, now))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite rolls a transaction back by itself on some errors (SQLITE_FULL: the disk is
+                # full); a second ROLLBACK would then raise and hide the real cause
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         return seq
 

@@ -95,8 +95,15 @@ class UsageLog:
         with self._lock:
             before = self._db.total_changes
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO reports VALUES (?, ?, ?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO reports VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                # e.g. the disk is full: without this the open transaction would make every later
+                # BEGIN fail, and the log would take nothing in even after space came back
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
             return self._db.total_changes - before
 
     def count(self) -> int:

@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
+from sqlalchemy.exc import InterfaceError, OperationalError
 from web3 import Web3
 from werkzeug.exceptions import HTTPException
 
@@ -138,6 +139,8 @@ def create_app(coord: Coordinator, admin_token: str = "", public_rpc_url: str = 
     app.add_url_rule("/", "root", root_redirect)
     app.register_error_handler(BadRequest, _bad_request)
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(OperationalError, _database_unavailable)
+    app.register_error_handler(InterfaceError, _database_unavailable)
     audits = AuditQueue(lambda model_hash: _run_audit(coord, model_hash))
     app.extensions["crowdfl_audits"] = audits
     app.register_blueprint(public_blueprint(coord, audits, public_rpc_url))
@@ -152,6 +155,15 @@ def _error(code: str, detail: str, status: int) -> tuple[Response, int]:
 def _bad_request(exc: BadRequest) -> Any:
     log.warning("%s %s refused: %s", request.method, request.path, exc.detail)
     return _error(exc.code, exc.detail, exc.status)
+
+
+def _database_unavailable(exc: OperationalError | InterfaceError) -> Any:
+    # e.g. PostgreSQL restarting: say so (503, retry later) instead of an anonymous 500
+    first = str(exc.orig).strip().splitlines()[0][:200] if exc.orig is not None else type(exc).__name__
+    log.error("%s %s: database unavailable: %s", request.method, request.path, first)
+    resp, status = _error("database_unavailable", f"the coordinator's database is unavailable ({first}); retry later", 503)
+    resp.headers["Retry-After"] = "5"
+    return resp, status
 
 
 def _http_error(exc: HTTPException) -> Any:

@@ -262,7 +262,16 @@ class ChainClient:
         tx["gas"] = gas
         tx["gasPrice"] = self._gas_price()
         tx_hash = self._sign_and_send(tx, signer)
-        receipt = self._wait(tx_hash)
+        try:
+            receipt = self._wait(tx_hash)
+        except ChainError:
+            # Not mined in time. The node may have dropped it (EthereumJS 0.9.0 does not put back
+            # the transactions of a block a reorg removed, and a restarted node forgets its pool);
+            # counting on from our own nonce would leave a gap that no later transaction passes,
+            # for ever. The next send reads the nonce from the chain again.
+            with self._nonces.lock:
+                self._nonces.next.pop(signer.address, None)
+            raise
         self._check_success(tx, receipt, expect_logs)
         return receipt
 

@@ -80,25 +80,46 @@ def serve(cfg: CoordinatorConfig, new_task: dict[str, float] | None) -> int:
     api.start()
     log.info("coordinator %s serving on %s", short_id(ident.node_id), api.url)
     stop = stop_on_signals()
+
+    def prepare(task_id: str) -> None:
+        if task_id not in coord.evaluators:  # also tasks published through the admin API
+            spec = coord.spec(task_id)
+            coord.evaluators[task_id] = HeldOut(*held_out_set(spec, store.get(spec.front_model_hash)))
+        if task_id not in coord.roots:  # the defences' root dataset (coordinator/defence.py)
+            coord.roots[task_id] = _root_data(coord.spec(task_id), store.get(coord.spec(task_id).front_model_hash))
+
     while not stop.is_set():
-        for task_id in coord.running_tasks():
-            try:
-                if task_id not in coord.evaluators:  # also tasks published through the admin API
-                    spec = coord.spec(task_id)
-                    coord.evaluators[task_id] = HeldOut(*held_out_set(spec, store.get(spec.front_model_hash)))
-                if task_id not in coord.roots:  # the defences' root dataset (coordinator/defence.py)
-                    coord.roots[task_id] = _root_data(coord.spec(task_id), store.get(coord.spec(task_id).front_model_hash))
-                summary = coord.step(task_id, cfg.round_timeout_s)
-                if summary is not None:
-                    log.info("round %d closed: accuracy %.3f, %d accepted, %d rejected", summary.round, summary.accuracy, summary.accepted, summary.rejected)
-            except Exception:  # one task's failure must not stop the others or the API
-                log.exception("task %s: step failed; retrying", task_id[:12])
-        coord.anchor_pending()  # retried until the chain takes it, also for tasks already done
+        drive_once(coord, cfg.round_timeout_s, prepare)
         stop.wait(1.0)
     api.stop()
     link.stop()
     log.info("coordinator stopped cleanly at %s", time.strftime("%H:%M:%S"))
     return 0
+
+
+def drive_once(coord, round_timeout_s: float, prepare=None) -> None:  # type: ignore[no-untyped-def]
+    """One pass of the serving loop: step every running task (close, aggregate, open the next round),
+    then anchor what is pending. Nothing here may end the process: with the database or the chain
+    down (a PostgreSQL restart, a stalled sealer) the pass logs why and the next pass retries;
+    every step is idempotent and keeps its progress in the database."""
+    try:
+        task_ids = coord.running_tasks()
+    except Exception as exc:  # the database is unreachable: nothing can be stepped this pass
+        log.error("cannot list the running tasks (%s: %s); retrying", type(exc).__name__, str(exc).splitlines()[0][:300])
+        return
+    for task_id in task_ids:
+        try:
+            if prepare is not None:
+                prepare(task_id)
+            summary = coord.step(task_id, round_timeout_s)
+            if summary is not None:
+                log.info("round %d closed: accuracy %.3f, %d accepted, %d rejected", summary.round, summary.accuracy, summary.accepted, summary.rejected)
+        except Exception:  # one task's failure must not stop the others or the API
+            log.exception("task %s: step failed; retrying", task_id[:12])
+    try:
+        coord.anchor_pending()  # retried until the chain takes it, also for tasks already done
+    except Exception as exc:
+        log.error("anchoring pass failed (%s: %s); retrying", type(exc).__name__, str(exc).splitlines()[0][:300])
 
 
 def _root_data(spec, front_tflite: bytes):  # type: ignore[no-untyped-def]

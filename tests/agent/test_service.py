@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from pathlib import Path
 
@@ -248,3 +249,54 @@ def test_with_the_owners_defaults_the_default_stride_costs_each_hour_epsilon_onc
         assert agent.stats.budget_refusals >= 1  # the later rounds found nothing within the caps
     finally:
         close(agent)
+
+
+def test_a_full_disk_leaves_the_round_unreleased_counted_and_retried(tmp_path: Path, designed_task) -> None:  # type: ignore[no-untyped-def]
+    """The state database refuses to grow (a full SD card; real SQLITE_FULL through ``max_page_count``
+    and a release too big for the pages left): the agent used to die on it, its ROLLBACK raising
+    "no transaction is active" and hiding the cause. Now nothing is kept of the release, the
+    failure is counted, and the round is retried once there is room."""
+    parts = Parts(tmp_path, designed_task)
+    agent = parts.agent()
+    agent.retry_every_s = 0.0
+    spec = designed_task.spec
+    release = agent.state.release
+
+    def bulky_release(*args, **kwargs):  # type: ignore[no-untyped-def]
+        # pad the spooled envelope so that it needs new pages (the real one fits in the empty tables' root pages)
+        seal_fn = args[5] if len(args) > 5 else kwargs.pop("seal")
+        return release(*args[:5], lambda seq: seal_fn(seq) + b"\0" * 200_000 if full else seal_fn(seq), *args[6:], **kwargs)
+
+    full = True
+    agent.state.release = bulky_release  # type: ignore[method-assign]
+    try:
+        agent.handle(parts.task_msg())
+        db = agent.state._db
+        db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        agent.handle(parts.round_msg(1))
+        assert agent.stats.storage_errors == 1
+        assert agent.state.budget().samples_released == 0 and not agent.state.pending() and agent._waiting
+        agent.step(timeout=0.01)  # still full: retried, counted again, nothing half-kept
+        assert agent.stats.storage_errors == 2 and agent.state.budget().samples_released == 0
+        db.execute("PRAGMA max_page_count = 1073741823")
+        full = False
+        agent.step(timeout=0.01)
+        assert agent.state.released_in_round(spec.task_id, 1) == spec.samples_per_round
+        assert len(agent.state.pending()) == 1 and not agent._waiting
+    finally:
+        close(agent)
+
+
+def test_the_usage_log_takes_reports_again_after_a_full_disk(tmp_path: Path) -> None:
+    usage = UsageLog(tmp_path / "usage.sqlite")
+    try:
+        db = usage._db
+        db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")
+        reports = household_reports("full-home", HISTORY_START, days=2)
+        with pytest.raises(sqlite3.OperationalError):
+            usage.append(reports)
+        assert not db.in_transaction  # no transaction left open to refuse every later BEGIN
+        db.execute("PRAGMA max_page_count = 1073741823")
+        assert usage.append(reports) == len(reports)
+    finally:
+        usage.close()

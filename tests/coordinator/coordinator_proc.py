@@ -4,14 +4,17 @@ same state. Usage: python -m tests.coordinator.coordinator_proc CONFIG.json"""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
 from coordinator.api import ApiServer, create_app
 from coordinator.chain import ChainConfig, ChainError, connect
+from coordinator.cli import drive_once
 from coordinator.contracts import CrowdContracts
 from coordinator.db import make_sessions
 from coordinator.service import Coordinator
@@ -21,6 +24,7 @@ from crowdfl.identity import Identity
 
 def main(config_path: str) -> int:
     cfg = json.loads(Path(config_path).read_text())
+    faulthandler.register(signal.SIGUSR1)  # a test that times out asks for every thread's stack
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     client = connect(ChainConfig(
         kind="rpc", rpc_url=cfg["rpc_url"], private_key=cfg["private_key"], chain_id=cfg["chain_id"], poa=True,
@@ -36,10 +40,8 @@ def main(config_path: str) -> int:
     api = ApiServer(create_app(coord))
     api.start()
     Path(cfg["port_file"]).write_text(str(api.port))
-    while True:
-        for task_id in coord.running_tasks():
-            coord.step(task_id, cfg.get("round_timeout_s", 3600.0))
-        coord.anchor_pending()  # also the last round of a task that is done
+    while True:  # the serving loop of `crowdfl-coordinator serve` (its error handling too)
+        drive_once(coord, cfg.get("round_timeout_s", 3600.0))
         time.sleep(0.1)
 
 

@@ -309,6 +309,21 @@ class MosquittoBroker:
         except FileNotFoundError:
             return ""
 
+    def kill9(self) -> None:
+        """Crash the broker (SIGKILL): every connection drops, nothing is flushed."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Start the broker again on the same ports, accounts and ACL (after :meth:`kill9`).
+        There is no persistence file: retained and queued messages died with the old process."""
+        if self._proc is not None and self._proc.poll() is None:
+            raise RuntimeError("mosquitto is still running")
+        with self.log_path.open("ab") as log:
+            log.write(b"--- restarted by the test ---\n")
+        self._start(timeout)
+
     def _check_new_id(self, ident: str) -> None:
         if not _ID_RE.match(ident):
             # '+', '#' and '/' would also make mosquitto skip %u patterns for that user.

@@ -14,7 +14,10 @@ Three shapes:
   while both nodes talk. Peer first, seal after: each node's miner waits behind a seal gate
   (see preload.cjs) until both nodes count the other as a peer; then node 0 seals block 1, and
   node 1 may seal only once it holds that block. Two signers that sealed block 1 on their own
-  would fork at genesis and stall for good.
+  would fork at genesis and stall for good. A lost block announcement used to stall such a
+  network too (0.9.0 never refreshes a peer's head after the handshake); preload.cjs's sync
+  nudge asks each peer for the headers after ours on every sync pass
+  (tests/faults/test_chain_sync.py).
 
 Every node runs with ``node --require ethereumjs/preload.cjs``: it rebinds the client's
 hard-coded ``0.0.0.0`` listeners (RLPx TCP, discovery UDP) to 127.0.0.1, refuses any
@@ -70,6 +73,8 @@ class PoaNode:
     p2p_port: int
     data_dir: Path
     log_path: Path
+    extra: list[str] = field(default_factory=list)  # the client arguments this node was started with
+    seal_gate: Path | None = None
 
     @property
     def rpc_url(self) -> str:
@@ -246,6 +251,48 @@ def _start_clique_once(
     return chain
 
 
+def kill9_node(chain: PoaChain, index: int) -> None:
+    """SIGKILL one node's whole process group at once (a crash, no clean shutdown)."""
+    node = chain.nodes[index]
+    _signal_group(node.proc.pid, signal.SIGKILL)
+    node.proc.wait(timeout=10)
+
+
+def restart_node(chain: PoaChain, index: int, timeout_s: float = 90.0) -> PoaNode:
+    """Start a stopped node again on its own data folder, key and seal gate (new RPC/p2p ports;
+    the node dials its bootnode as at first start), and wait until its RPC answers."""
+    old = chain.nodes[index]
+    if old.proc.poll() is None:
+        raise RuntimeError(f"node {index} is still running")
+    with old.log_path.open("ab") as log:
+        log.write(b"\n--- restarted by the test ---\n")
+    node = _start_node(old.data_dir, old.extra, seal_gate=old.seal_gate, log_mode="ab")
+    chain.nodes[index] = node
+    _wait_for_log_count(node, _RPC_UP, 2, timeout_s)
+    _wait_for_rpc(node, timeout_s)
+    return node
+
+
+def pause_node(chain: PoaChain, index: int) -> None:
+    """SIGSTOP the node's process group: its peer's TCP connection stays open but nothing passes,
+    as in a network partition that drops packets (or a host that hangs)."""
+    _signal_group(chain.nodes[index].proc.pid, signal.SIGSTOP)
+
+
+def resume_node(chain: PoaChain, index: int) -> None:
+    """SIGCONT: the partition heals; what was queued on the link is delivered."""
+    _signal_group(chain.nodes[index].proc.pid, signal.SIGCONT)
+
+
+def drop_announcements_file(data_dir: Path) -> Path:
+    """While this file exists, the node in ``data_dir`` ignores NewBlock/NewBlockHashes (preload.cjs, 5)."""
+    return data_dir / "drop-announcements"
+
+
+def head(chain: PoaChain, node: int = 0) -> int:
+    return int(chain.rpc("eth_blockNumber", [], node=node), 16)
+
+
 def clique_signer(chain: PoaChain, number: int, node: int = 0) -> str:
     """The address that sealed block ``number`` (EIP-225: ecrecover over the header without the seal)."""
     import rlp
@@ -352,10 +399,12 @@ _FORKS = (
 )
 
 
-def _start_node(data_dir: Path, extra: list[str], seal_gate: Path | None = None) -> PoaNode:
+def _start_node(data_dir: Path, extra: list[str], seal_gate: Path | None = None, log_mode: str = "wb") -> PoaNode:
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.pop("CROWDFL_SEAL_GATE", None)
+    # a test drops this node's incoming block announcements while this file exists (preload.cjs, 5)
+    env["CROWDFL_DROP_ANNOUNCEMENTS"] = str(drop_announcements_file(data_dir))
     if seal_gate is not None:
         env["CROWDFL_SEAL_GATE"] = str(seal_gate)
     rpc_port, p2p_port = free_ports(2, HOST)
@@ -385,7 +434,7 @@ def _start_node(data_dir: Path, extra: list[str], seal_gate: Path | None = None)
         "info",
     ]
     log_path = data_dir / "client.log"
-    with log_path.open("wb") as log:
+    with log_path.open(log_mode) as log:
         proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -395,7 +444,7 @@ def _start_node(data_dir: Path, extra: list[str], seal_gate: Path | None = None)
             env=env,
             start_new_session=True,  # own process group: stop() kills everything it spawned
         )
-    return PoaNode(proc, rpc_port, p2p_port, data_dir, log_path)
+    return PoaNode(proc, rpc_port, p2p_port, data_dir, log_path, list(extra), seal_gate)
 
 
 def _wait_for_log(node: PoaNode, marker: str, timeout_s: float) -> str:
@@ -408,6 +457,16 @@ def _wait_for_log(node: PoaNode, marker: str, timeout_s: float) -> str:
             raise RuntimeError(f"client exited ({node.proc.returncode}) before {marker!r}:\n{text[-3000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {marker!r} from the client after {timeout_s:.0f} s:\n{text[-3000:]}")
+        time.sleep(0.1)
+
+
+def _wait_for_log_count(node: PoaNode, marker: str, count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while node.log_text().count(marker) < count:
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"client exited ({node.proc.returncode}) before {marker!r}:\n{node.log_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {marker!r} from the client after {timeout_s:.0f} s:\n{node.log_text()[-3000:]}")
         time.sleep(0.1)
 
 

@@ -158,9 +158,15 @@ def _own(path: Path) -> None:
 
 @contextmanager
 def running_postgres(
-    start_timeout: int = 60, attempts: int = 3
+    start_timeout: int = 60, attempts: int = 3, crash_safe: bool = False
 ) -> Iterator[PostgresServer]:
-    """initdb, start on a free port, create ``crowdfl_test``; ``pg_ctl stop -m fast`` on exit."""
+    """initdb, start on a free port, create ``crowdfl_test``; ``pg_ctl stop -m fast`` on exit.
+
+    ``crash_safe``: keep ``synchronous_commit`` on (PostgreSQL's default, and production's), so a
+    commit the server acknowledged survives a SIGKILL of the server. The default harness turns it
+    off for speed: then a kill -9 loses the last commits (they sit in the WAL buffers, in shared
+    memory), which the fault tests showed. ``fsync`` stays off either way: it only matters when
+    the operating system itself goes down."""
     bindir, why = find_bindir()
     if bindir is None:
         raise RuntimeError(why)
@@ -209,7 +215,7 @@ def running_postgres(
                     f"listen_addresses = '{HOST}'\n"
                     f"port = {port}\n"
                     f"unix_socket_directories = '{socket_dir}'\n"
-                    "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                    f"fsync = off\nsynchronous_commit = {'on' if crash_safe else 'off'}\nfull_page_writes = off\n"
                     "max_connections = 50\nshared_buffers = 32MB\n"
                 )
             try:
@@ -288,3 +294,34 @@ def postgres_server() -> Iterator[PostgresServer]:
     require_real_part("postgresql", ok, why)
     with running_postgres() as server:
         yield server
+
+
+def kill9(server: PostgresServer) -> None:
+    """Crash the cluster as a power cut would: SIGKILL to the postmaster's whole process group (the
+    postmaster and every backend at once), then wait until none is left."""
+    import signal
+    import time
+
+    pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+    try:
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("postgres processes still alive 30 s after SIGKILL")
+        time.sleep(0.05)
+
+
+def restart(server: PostgresServer, timeout: int = 60) -> None:
+    """Start a cluster again after :func:`kill9` (crash recovery replays its WAL); waits until it accepts connections."""
+    _run_as_pg(
+        server.bin_dir, server.base_dir,
+        ["pg_ctl", "-D", str(server.data_dir), "-l", str(server.log_path), "-w", "-t", str(timeout), "start"],
+        timeout=timeout + 10,
+    )
