@@ -80,8 +80,8 @@ def read_boot_file(image: Path, offset: int, name: str, dest: Path) -> Path:
     return dest
 
 
-def write_root_file(image: Path, offset: int, path: str, content: str, tmp: Path) -> None:
-    """Write a file (root-owned, 0644; its directory created) into the image's ext4 root, with debugfs."""
+def write_root_file(image: Path, offset: int, path: str, content: str, tmp: Path, mode: int = 0o644) -> None:
+    """Write a file (root-owned, ``mode``; its directory created) into the image's ext4 root, with debugfs."""
     debugfs = find_executable("debugfs")
     assert debugfs is not None, "debugfs (e2fsprogs) is missing"
     src = tmp / Path(path).name
@@ -89,17 +89,20 @@ def write_root_file(image: Path, offset: int, path: str, content: str, tmp: Path
     target = f"{image}?offset={offset}"
     parent = str(Path(path).parent)
     # mkdir fails harmlessly when the directory exists; write refuses to overwrite, so rm first
-    script = f"mkdir {parent}\nrm {path}\nwrite {src} {path}\n"
+    script = f"mkdir {parent}\nrm {path}\nwrite {src} {path}\nsif {path} mode 0{0o100000 | mode:o}\n"
     subprocess.run([debugfs, "-w", "-f", "-", target], input=script, text=True, check=True, capture_output=True)
     out = subprocess.run([debugfs, "-R", f"cat {path}", target], text=True, check=True, capture_output=True).stdout
     assert out == content, f"debugfs wrote {out!r} to {path}"
 
 
 def copy_image(image: BuiltImage, tmp: Path, extra_root_files: dict[str, str] | None = None) -> Path:
+    """A copy of the image to boot; ``extra_root_files`` (path -> content; a "#!" file is made
+    executable) are written into its root file system."""
     disk = tmp / "sd.img"
     subprocess.run(["cp", "--sparse=always", str(image.image), str(disk)], check=True)
     for path, content in (extra_root_files or {}).items():
-        write_root_file(disk, int(image.info["root_partition_offset"]), path, content, tmp)  # type: ignore[arg-type]
+        write_root_file(disk, int(image.info["root_partition_offset"]), path, content, tmp,  # type: ignore[arg-type]
+                        mode=0o755 if content.startswith("#!") else 0o644)
     return disk
 
 
