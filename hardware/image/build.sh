@@ -71,7 +71,8 @@ in_chroot() {
 # /run/lock/crowdfl-image-binfmt.*: "mutex" serialises changes, every build using binfmt holds
 # "users" shared, the build that changed binfmt notes the undo steps in "restore", and whichever
 # build leaves last (it alone can take "users" exclusively) runs them.
-BINFMT_LOCK=/run/lock/crowdfl-image-binfmt
+BINFMT_LOCK=${CROWDFL_BINFMT_LOCK:-/run/lock/crowdfl-image-binfmt}
+BINFMT_DIR=${CROWDFL_BINFMT_DIR:-/proc/sys/fs/binfmt_misc}  # both overridable for tests/hardware/test_image_files.py
 binfmt_held=0
 cleanup_binfmt() {
     [[ $binfmt_held == 1 ]] || return 0
@@ -81,7 +82,7 @@ cleanup_binfmt() {
             tac "$BINFMT_LOCK.restore" | while read -r step; do
                 case $step in
                     disable) update-binfmts --disable qemu-aarch64 >&2 || true ;;
-                    umount) umount /proc/sys/fs/binfmt_misc || true ;;
+                    umount) umount "$BINFMT_DIR" || true ;;
                 esac
             done
         fi
@@ -92,7 +93,7 @@ cleanup_binfmt() {
 }
 ensure_binfmt() {
     [[ $binfmt_held == 0 ]] || return 0
-    local dir=/proc/sys/fs/binfmt_misc
+    local dir=$BINFMT_DIR
     mkdir -p "$(dirname "$BINFMT_LOCK")"
     exec 7>>"$BINFMT_LOCK.mutex" 8>>"$BINFMT_LOCK.users"
     flock -x 7
