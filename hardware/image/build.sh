@@ -14,11 +14,13 @@
 #   build.json             inputs' hash, timings and sizes
 #
 # Two cached stages under DIR (default $CROWDFL_IMAGE_CACHE or /var/cache/crowdfl-image):
-#   base-<hash>   debootstrap + system packages + the agent's pinned dependencies (base.sh;
-#                 ~8 min on 2 busy cores, all under emulation); keyed by base.sh, constraints.txt and
-#                 the agent's requirements in setup.cfg
-#   image-<hash>  base + the crowdfl wheel + units + overlay + the disk image (20-40 s); keyed by
-#                 the base's hash, these scripts, the overlay, the agent unit and the sources
+#   base-<hash>   debootstrap + system packages, kernel and Pi firmware + the agent's pinned
+#                 dependencies (base.sh; all under emulation: 20 min on 2 cores shared with heavy
+#                 jobs, bench/image.py); keyed by base.sh, constraints.txt and the agent's
+#                 requirements in setup.cfg
+#   image-<hash>  base + the crowdfl wheel + units + overlay + the initramfs (mkinitrd.sh, on the
+#                 host) + raspi-firmware's hook + the disk image (about 2 min); keyed by the base's
+#                 hash, these scripts, the overlay, the agent unit and the sources
 # A finished stage is reused as is; the two newest of each are kept.
 #
 # Needs root (debootstrap, chroot, unshare) and, for the emulated stages, binfmt_misc: it is
