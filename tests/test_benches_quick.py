@@ -66,3 +66,18 @@ def test_edge_trainer_bench_quick() -> None:
         row = figures["sizes"][n]
         assert row["ours_ms"]["median"] > 0 and row["legacy_ms"]["median"] > 0
         assert row["ratio_legacy_over_ours"] == row["legacy_ms"]["median"] / row["ours_ms"]["median"]
+
+
+@pytest.mark.realpart
+def test_image_bench_quick() -> None:
+    """bench/image.py --quick: the cached image (built by the hardware tests' fixture otherwise),
+    one virt boot through a round with the shipped unit and one with its memory settings unset."""
+    tools = ("qemu-system-aarch64", "debugfs", "mcopy", "debootstrap")
+    missing = [t for t in tools if find_executable(t) is None]
+    require_real_part("qemu-arm64", not missing, f"missing {', '.join(missing)} (run .ci/install-system.sh)")
+    require_real_part("qemu-arm64", os.geteuid() == 0, "the image bench builds the image: needs root")
+    figures = run_quick("bench/image.py", "image", 3600)
+    assert figures["build"]["cached_rerun_s"] < 60
+    assert figures["memory_env"] and "raspi3b" not in figures
+    for key in ("rss_mb", "control_rss_mb", "agent_ready_s"):
+        assert figures["virt"][key]["n"] == 1 and figures["virt"][key]["min"] > 0, (key, figures["virt"][key])

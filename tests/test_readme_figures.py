@@ -119,6 +119,37 @@ def edge_trainer_figure() -> str:
     return f"{size('768')}; {size('39')} (medians; load {min(loads):.0f}–{max(loads):.0f} on 2 CPUs)"
 
 
+def _range(d: dict[str, float], digits: int, unit: str) -> str:
+    if d["n"] == 1:
+        return f"{d['mean']:.{digits}f} {unit} (1 boot)"
+    return f"{d['mean']:.{digits}f} {unit} ({d['min']:.{digits}f}–{d['max']:.{digits}f}, {d['n']} boots)"
+
+
+def image_build_figure() -> str:
+    b = result("image")["figures"]["build"]
+    return (f"base stage {b['base_stage_cold_s']} s from an empty cache, image stage {b['image_stage_s']} s, "
+            f"cached run {b['cached_rerun_s']:.1f} s; image {b['image_bytes'] / 1e9:.2f} GB "
+            f"({b['image_allocated_bytes'] / 2**20:.0f} MiB allocated, sparse)")
+
+
+def image_boot_figure() -> str:
+    f = result("image")["figures"]
+    v = f["virt"]
+    text = (f"virt: agent running with its usage log {_range(v['agent_ready_s'], 0, 's')} after power-on, "
+            f"its features at the edge {_range(v['first_batch_after_task_s'], 1, 's')} after the task")
+    if "raspi3b" in f:
+        text += f"; raspi3b: agent active {f['raspi3b']['agent_active_s']:.0f} s after power-on (1 boot)"
+    return text
+
+
+def image_memory_figure() -> str:
+    f = result("image")["figures"]
+    v = f["virt"]
+    return (f"{_range(v['rss_mb'], 1, 'MB')} RSS after its batch (peak {v['hwm_mb']['mean']:.1f} MB) with "
+            f"{', '.join(f['memory_env'])} vs {_range(v['control_rss_mb'], 1, 'MB')} (peak "
+            f"{v['control_hwm_mb']['mean']:.1f} MB) without; target ≤ {f['target_rss_mb']:.0f} MB")
+
+
 # README "Measured" row (the start of its first cell) -> (bench result, the figure cell rebuilt from it)
 TABLE: dict[str, tuple[str, Callable[[], str]]] = {
     "edge ingest": ("ingest", ingest_figure),
@@ -128,6 +159,9 @@ TABLE: dict[str, tuple[str, Callable[[], str]]] = {
     "one release's noise": ("agent_front", noise_figure),
     "gas of a whole round": ("gas", gas_figure),
     "edge training, per customer and round": ("edge_trainer", edge_trainer_figure),
+    "SD-card image build": ("image", image_build_figure),
+    "SD-card image boot": ("image", image_boot_figure),
+    "the agent's memory on arm64": ("image", image_memory_figure),
 }
 # figure cells that are only a link to a report generated from a committed result
 LINKED_REPORTS = {

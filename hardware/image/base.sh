@@ -22,6 +22,18 @@ MIRROR=${CROWDFL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # modules, python3-venv for the agent's venv. Nothing else: no ssh server, no desktop.
 PACKAGES=(systemd systemd-sysv udev kmod dbus systemd-resolved systemd-timesyncd
           python3 python3-venv ca-certificates)
+# What a Raspberry Pi boots: Debian's generic arm64 kernel (it carries the Broadcom device trees,
+# bcm2837-rpi-3-b*.dtb, bcm2711-rpi-4-b.dtb, ...; no BCM2712, so no Pi 5) and the Pi's GPU firmware
+# (raspi-firmware, non-free-firmware: bootcode.bin, start*.elf, fixup*.dat), whose kernel hook
+# fills /boot/firmware with the firmware, the kernel, the initrd, the dtbs, config.txt and
+# cmdline.txt. Plus Wi-Fi (wpasupplicant; the Pi 3/4 radios' firmware is firmware-brcm80211),
+# growing the root partition on first boot (growpart + sfdisk) and an SSH server that stays off
+# unless a key is given. initramfs-tools is installed so that a kernel update on the device makes
+# its own initramfs (natively, in a minute); the image's first initramfs is NOT made here: running
+# update-initramfs under qemu-user took > 45 min, so it is diverted to a no-op for the build and
+# build.sh assembles the initramfs on the host (mkinitrd.sh: busybox + the kernel's modules).
+PI_PACKAGES=(linux-image-arm64 initramfs-tools raspi-firmware firmware-brcm80211 wpasupplicant
+             cloud-guest-utils fdisk openssh-server)
 
 log() { printf 'base: %s\n' "$*" >&2; }
 
@@ -48,9 +60,9 @@ log "debootstrap stage 2 under qemu-user ($(( $(date +%s) - t0 )) s so far)"
 unshare --mount --propagation private -- chroot "$ROOTFS" /debootstrap/debootstrap --second-stage >&2
 
 cat >"$ROOTFS/etc/apt/sources.list" <<SRC
-deb $MIRROR $SUITE main
-deb $MIRROR $SUITE-updates main
-deb http://deb.debian.org/debian-security $SUITE-security main
+deb $MIRROR $SUITE main non-free-firmware
+deb $MIRROR $SUITE-updates main non-free-firmware
+deb http://deb.debian.org/debian-security $SUITE-security main non-free-firmware
 SRC
 # Keep services from starting inside the chroot while packages are configured.
 printf '#!/bin/sh\nexit 101\n' >"$ROOTFS/usr/sbin/policy-rc.d"
@@ -64,6 +76,36 @@ in_chroot apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >&2
 # for the rest of the build; build.sh puts the symlink back.
 rm -f "$ROOTFS/etc/resolv.conf"
 cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
+
+# The kernel command line the Pi firmware passes (cmdline.txt): root by label, so the same card
+# boots whatever the SD controller's device name; the serial console of the Pi 3/4 GPIO header
+# (the mini UART, ttyS1). CMA=0 leaves cma= off the command line: the hook decides "Pi 4 or not"
+# by the machine it runs on (here: neither), and its cma=64M renders a Pi 4 unbootable (its own
+# comment); the kernel's default CMA suits a headless board of either family.
+mkdir -p "$ROOTFS/etc/default" "$ROOTFS/boot/firmware"
+cat >"$ROOTFS/etc/default/raspi-firmware" <<'CFG'
+# crowdfl image (hardware/image/base.sh); see the package's original for every option
+ROOTPART="LABEL=CROWDFLROOT"
+CONSOLES="tty0 ttyS1,115200"
+CMA=0
+CFG
+printf 'net.ifnames=0\n' >"$ROOTFS/etc/default/raspi-extra-cmdline"
+# update-initramfs -> a no-op while the packages are installed (see PI_PACKAGES above)
+in_chroot dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs
+printf '#!/bin/sh\necho "update-initramfs: skipped in the image build (build.sh makes the initramfs)"\n' \
+    >"$ROOTFS/usr/sbin/update-initramfs"
+chmod 0755 "$ROOTFS/usr/sbin/update-initramfs"
+log "apt-get install ${PI_PACKAGES[*]} ($(( $(date +%s) - t0 )) s so far)"
+in_chroot apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold "${PI_PACKAGES[@]}" >&2
+rm -f "$ROOTFS/usr/sbin/update-initramfs"
+in_chroot dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs
+[[ -x $ROOTFS/usr/sbin/update-initramfs ]] || { log "update-initramfs was not restored"; exit 1; }
+for f in bootcode.bin start.elf fixup.dat start4.elf fixup4.dat; do
+    [[ -s $ROOTFS/usr/lib/raspi-firmware/$f ]] || { log "raspi-firmware has no $f"; exit 1; }
+done
+# Every card gets its own SSH host keys (made on first boot, if SSH is enabled at all).
+rm -f "$ROOTFS"/etc/ssh/ssh_host_*
+in_chroot systemctl disable ssh.service >&2 2>/dev/null || true
 
 # pip verifies TLS against the rootfs's CA bundle: trust the build host's locally added CAs
 # (a TLS-intercepting proxy, for one) for the build only, by appending them to a copy of the
@@ -92,6 +134,10 @@ mkdir -p "$EXTRA"
 mv "$ROOTFS"/tmp/debs/*.deb "$EXTRA/"
 rmdir "$ROOTFS/tmp/debs"
 printf '%s\n' "$kernel_pkg" >"$EXTRA/kernel-package"
+# The initramfs build.sh makes holds modules from this .deb: it must be the installed kernel.
+installed=$(in_chroot dpkg-query -W -f '${Version}' "$kernel_pkg")
+downloaded=$(dpkg-deb -f "$(ls "$EXTRA"/linux-image-*.deb)" Version)
+[[ $installed == "$downloaded" ]] || { log "kernel $kernel_pkg: installed $installed, downloaded $downloaded"; exit 1; }
 
 # Forget the build host: its CAs, its resolver, the apt lists and caches.
 mv "$bundle.crowdfl-orig" "$bundle"

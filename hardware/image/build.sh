@@ -6,17 +6,21 @@
 #   hardware/image/build.sh [--cache DIR] [--force]
 #
 # Prints the build directory on stdout (logs go to stderr). It holds:
-#   crowdfl.img            the partitioned disk image (MBR: FAT32 "CROWDFLBOOT", ext4 "CROWDFLROOT")
+#   crowdfl.img            the partitioned disk image (MBR: FAT32 "CROWDFLBOOT" with the Raspberry Pi
+#                          firmware, kernel, initrd, device trees, config.txt and cmdline.txt; ext4 "CROWDFLROOT")
 #   rootfs/                the root file system the image was made from (qemu-user runs it)
-#   qemu/vmlinuz, qemu/initrd.gz   a Debian arm64 kernel + busybox initramfs for QEMU -M virt
+#   qemu/vmlinuz, qemu/initrd.gz   the same kernel and initramfs as on the FAT partition, for QEMU -M virt
+#                          (qemu/modules: the modules the initramfs loads)
 #   build.json             inputs' hash, timings and sizes
 #
 # Two cached stages under DIR (default $CROWDFL_IMAGE_CACHE or /var/cache/crowdfl-image):
-#   base-<hash>   debootstrap + system packages + the agent's pinned dependencies (base.sh;
-#                 ~8 min on 2 busy cores, all under emulation); keyed by base.sh, constraints.txt and
-#                 the agent's requirements in setup.cfg
-#   image-<hash>  base + the crowdfl wheel + units + overlay + the disk image (20-40 s); keyed by
-#                 the base's hash, these scripts, the overlay, the agent unit and the sources
+#   base-<hash>   debootstrap + system packages, kernel and Pi firmware + the agent's pinned
+#                 dependencies (base.sh; all under emulation: 20 min on 2 cores shared with heavy
+#                 jobs, bench/image.py); keyed by base.sh, constraints.txt and the agent's
+#                 requirements in setup.cfg
+#   image-<hash>  base + the crowdfl wheel + units + overlay + the initramfs (mkinitrd.sh, on the
+#                 host) + raspi-firmware's hook + the disk image (about 2 min); keyed by the base's
+#                 hash, these scripts, the overlay, the agent unit and the sources
 # A finished stage is reused as is; the two newest of each are kept.
 #
 # Needs root (debootstrap, chroot, unshare) and, for the emulated stages, binfmt_misc: it is
@@ -64,22 +68,48 @@ in_chroot() {
     ' in_chroot "$root" "$@"
 }
 
-# binfmt_misc: enable qemu-aarch64 for the emulated steps; put back what we found on exit.
-binfmt_restore=()
+# binfmt_misc: enable qemu-aarch64 for the emulated steps; put back what was found on exit. The
+# state is machine-wide while caches are per directory, so builds with different caches share
+# /run/lock/crowdfl-image-binfmt.*: "mutex" serialises changes, every build using binfmt holds
+# "users" shared, the build that changed binfmt notes the undo steps in "restore", and whichever
+# build leaves last (it alone can take "users" exclusively) runs them.
+BINFMT_LOCK=${CROWDFL_BINFMT_LOCK:-/run/lock/crowdfl-image-binfmt}
+BINFMT_DIR=${CROWDFL_BINFMT_DIR:-/proc/sys/fs/binfmt_misc}  # both overridable for tests/hardware/test_image_files.py
+binfmt_held=0
 cleanup_binfmt() {
-    local step
-    for step in "${binfmt_restore[@]}"; do eval "$step" || true; done
+    [[ $binfmt_held == 1 ]] || return 0
+    flock -x 7
+    if flock -n -x 8; then  # no other build is using binfmt
+        if [[ -s $BINFMT_LOCK.restore ]]; then
+            tac "$BINFMT_LOCK.restore" | while read -r step; do
+                case $step in
+                    disable) update-binfmts --disable qemu-aarch64 >&2 || true ;;
+                    umount) umount "$BINFMT_DIR" || true ;;
+                esac
+            done
+        fi
+        rm -f "$BINFMT_LOCK.restore"
+    fi
+    flock -u 8
+    flock -u 7
 }
 ensure_binfmt() {
-    local dir=/proc/sys/fs/binfmt_misc
+    [[ $binfmt_held == 0 ]] || return 0
+    local dir=$BINFMT_DIR
+    mkdir -p "$(dirname "$BINFMT_LOCK")"
+    exec 7>>"$BINFMT_LOCK.mutex" 8>>"$BINFMT_LOCK.users"
+    flock -x 7
+    flock -s 8
+    binfmt_held=1
     if [[ ! -e $dir/register ]]; then
         mount -t binfmt_misc binfmt_misc "$dir"
-        binfmt_restore=("umount $dir" "${binfmt_restore[@]}")
+        echo umount >>"$BINFMT_LOCK.restore"
     fi
     if [[ ! -e $dir/qemu-aarch64 ]] || ! grep -q '^enabled' "$dir/qemu-aarch64"; then
         update-binfmts --enable qemu-aarch64 >&2
-        binfmt_restore=("update-binfmts --disable qemu-aarch64 >&2" "${binfmt_restore[@]}")
+        echo disable >>"$BINFMT_LOCK.restore"
     fi
+    flock -u 7
 }
 tmp_dirs=()
 trap 'cleanup_binfmt; for d in "${tmp_dirs[@]}"; do rm -rf "$d"; done' EXIT
@@ -189,7 +219,7 @@ mkdir -p "$R/boot/firmware" "$R/etc/crowdfl"
 for g in gpio i2c dialout; do
     grep -q "^$g:" "$R/etc/group" || in_chroot "$R" groupadd --system "$g"
 done
-systemctl --root="$R" enable crowdfl-agent.service crowdfl-firstboot.service \
+systemctl --root="$R" enable crowdfl-agent.service crowdfl-firstboot.service crowdfl-growroot.service \
     systemd-networkd.service systemd-resolved.service systemd-timesyncd.service >&2 2>/dev/null
 printf 'crowdfl\n' >"$R/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tcrowdfl\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$R/etc/hosts"
@@ -200,8 +230,34 @@ rm -f "$R/var/lib/dbus/machine-id"
 rm -rf "$R/tmp/"* "$R/var/tmp/"* "$R/var/log/"*.log "$R/var/cache/apt/"*.bin
 find "$R/var/log" -type f -delete
 
-log "QEMU kernel + initramfs"
+log "kernel + initramfs (assembled on the host: busybox, modules, /init)"
 bash "$HERE/mkinitrd.sh" "$BASE/extra" "$OUT.tmp/qemu"
+kver=$(cat "$OUT.tmp/qemu/kernel-version")
+[[ -f $R/boot/vmlinuz-$kver ]] || die "the rootfs has no kernel $kver (/boot: $(ls "$R/boot"))"
+cmp -s "$R/boot/vmlinuz-$kver" "$OUT.tmp/qemu/vmlinuz" || die "the rootfs's kernel $kver differs from the .deb's"
+install -m 0644 "$OUT.tmp/qemu/initrd.gz" "$R/boot/initrd.img-$kver"
+
+# The Raspberry Pi boot files: raspi-firmware's kernel hook (the one a kernel update on the device
+# runs) copies the firmware, the kernel, the initrd and the Broadcom device trees to /boot/firmware
+# and writes config.txt and cmdline.txt there. They go on the FAT partition, which the device
+# mounts over /boot/firmware, so the same hook keeps it current after a kernel update.
+rm -rf "$R/boot/firmware" && mkdir -p "$R/boot/firmware"
+for f in "$R"/usr/lib/raspi-firmware/*; do cp "$f" "$R/boot/firmware/"; done  # what its postinst does
+in_chroot "$R" env DEB_MAINT_PARAMS=configure /etc/kernel/postinst.d/z50-raspi-firmware "$kver" >&2
+bootfiles=$OUT.tmp/bootfiles
+rm -rf "$bootfiles"
+mv "$R/boot/firmware" "$bootfiles"
+mkdir -p "$R/boot/firmware"
+pi_kernel=vmlinuz-$kver
+pi_initrd=initrd.img-$kver
+for f in "$pi_kernel" "$pi_initrd" config.txt cmdline.txt bootcode.bin start.elf fixup.dat start4.elf fixup4.dat \
+         bcm2837-rpi-3-b.dtb bcm2837-rpi-3-b-plus.dtb bcm2711-rpi-4-b.dtb; do
+    [[ -s $bootfiles/$f ]] || die "raspi-firmware's hook did not produce /boot/firmware/$f"
+done
+cmp -s "$bootfiles/$pi_initrd" "$OUT.tmp/qemu/initrd.gz" || die "the FAT partition's initrd is not the one made here"
+grep -q 'root=LABEL=CROWDFLROOT' "$bootfiles/cmdline.txt" || die "cmdline.txt does not boot LABEL=CROWDFLROOT: $(cat "$bootfiles/cmdline.txt")"
+grep -q "^initramfs $pi_initrd" "$bootfiles/config.txt" || die "config.txt loads no initramfs: $(cat "$bootfiles/config.txt")"
+if grep -q 'cma=' "$bootfiles/cmdline.txt"; then die "cmdline.txt sets cma= (renders a Pi 4 unbootable)"; fi
 
 log "file systems and the partitioned image"
 rootfs_mb=$(du -sm "$R" | cut -f1)
@@ -214,10 +270,13 @@ mkfs.fat -F 32 -n CROWDFLBOOT -C "$OUT.tmp/boot.vfat" $(( boot_mb * 1024 )) >/de
 cat >"$OUT.tmp/README.txt" <<TXT
 crowdfl boot partition. Put the agent configuration here as crowdfl.toml (see
 crowdfl.toml.example) and, if the broker uses TLS with a private CA, its certificate as
-crowdfl-ca.crt. After the first boot, crowdfl-device.json holds the device's public keys.
+crowdfl-ca.crt. Optional: wpa_supplicant.conf (Wi-Fi), ssh_authorized_keys (SSH, off
+without it), crowdfl-mqtt.password or crowdfl-mqtt.crt + .key (MQTT credentials); each is moved
+off this partition on boot. After the first boot, crowdfl-device.json holds the device's public keys.
 TXT
 MTOOLS_SKIP_CHECK=1 mcopy -i "$OUT.tmp/boot.vfat" "$OUT.tmp/README.txt" "$HERE/crowdfl.toml.example" ::/
-rm "$OUT.tmp/README.txt"
+MTOOLS_SKIP_CHECK=1 mcopy -s -i "$OUT.tmp/boot.vfat" "$bootfiles"/* ::/
+rm -rf "$OUT.tmp/README.txt" "$bootfiles"
 # MBR (the Pi firmware reads only MBR): 4 MiB aligned, FAT32 LBA first, root after it.
 start1=8192; size1=$(( boot_mb * 2048 )); start2=$(( start1 + size1 )); size2=$(( root_mb * 2048 ))
 truncate -s $(( (start2 + size2) * 512 )) "$img"
@@ -244,6 +303,7 @@ info = {
     "boot_partition_offset": $start1 * 512, "root_partition_offset": $start2 * 512,
     "kernel": open(f"{out}/qemu/kernel-version").read().strip(), "kernel_package": open("$BASE/extra/kernel-package").read().strip(),
     "wheel": "$(basename "$wheel")",
+    "pi_kernel": "$pi_kernel", "pi_initrd": "$pi_initrd",
 }
 json.dump(info, open(f"{out}/build.json", "w"), indent=2)
 PY

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# Kernel + initramfs for booting the image under qemu-system-aarch64 -M virt.
+# The image's initramfs, assembled on the build host (no emulation, no initramfs-tools): a static
+# arm64 busybox, the kernel modules needed to reach the root file system, and /init
+# (initramfs-init). One initramfs serves QEMU's virt machine and the Raspberry Pis (the same
+# Debian kernel): build.sh installs it as /boot/initrd.img-<version> in the image, whence
+# raspi-firmware's kernel hook copies it to the FAT partition.
 #
 #   mkinitrd.sh EXTRA_DIR OUT_DIR
 #
 # EXTRA_DIR holds the Debian arm64 kernel and busybox-static .debs that base.sh downloaded.
-# Writes OUT_DIR/vmlinuz, OUT_DIR/initrd.gz and OUT_DIR/kernel-version. Runs on the build
-# host (no emulation): dpkg-deb, cpio, gzip and python3 only.
+# Writes OUT_DIR/vmlinuz, OUT_DIR/initrd.gz, OUT_DIR/kernel-version and OUT_DIR/modules (the
+# modules it holds, in load order). Host tools only: dpkg-deb, cpio, gzip and python3.
 set -euo pipefail
 
 EXTRA=$1
 OUT=$2
 HERE=$(cd "$(dirname "$0")" && pwd)
-# virtio disk/net/rng on PCI (and MMIO), ext4 (+ crc32c, which it loads by name, not as a
-# module dependency) for the root, vfat + code pages for the boot
-# partition, the PL031 RTC (the guest's clock; built in, on Debian). Dependencies are added.
-WANTED=(virtio_pci virtio_mmio virtio_blk virtio_net virtio_rng ext4 crc32c_generic vfat nls_cp437 nls_ascii
-        nls_utf8 rtc-pl031)
+# Modules in load order (their dependencies are added first; built-ins need nothing):
+# - ext4 (+ crc32c, which it loads by name, not as a module dependency) for the root, vfat + code
+#   pages for the boot partition;
+# - QEMU virt: virtio disk/net/rng on PCI and MMIO, the PL031 RTC (the guest's clock);
+# - Raspberry Pi SD card: sdhci-iproc (Pi 4's emmc2 and the Pi 3's Arasan SDHCI), the bcm2835 SD
+#   host (Pi 3's card slot, drivers/mmc/host/bcm2835.ko), the fixed and GPIO regulators the Pi 4's
+#   card supply and I/O voltage hang on. mmc_core/mmc_block, pinctrl, clocks, DMA, mailbox and
+#   the firmware interface are built into Debian's arm64 kernel.
+# A name with a "/" is a path under lib/modules/<version>/ (for names that are not unique).
+WANTED=(ext4 crc32c_generic vfat nls_cp437 nls_ascii nls_utf8
+        virtio_pci virtio_mmio virtio_blk virtio_net virtio_rng rtc-pl031
+        kernel/drivers/regulator/fixed.ko gpio-regulator sdhci-iproc kernel/drivers/mmc/host/bcm2835.ko)
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -72,9 +83,24 @@ def add(name: str) -> None:
     order.append(rel)
 
 
+dups = {}
+for p in (base / "kernel").rglob("*.ko"):
+    dups.setdefault(norm(p.name), []).append(p)
 for wanted in sys.argv[2:]:
+    if "/" in wanted:
+        path = base / wanted
+        if not path.is_file():
+            sys.exit(f"mkinitrd: no module {wanted}")
+        for dep in depends(path):
+            add(norm(dep))
+        rel = str(path.relative_to(base))
+        if rel not in order:
+            order.append(rel)
+        continue
     key = norm(wanted)
     if key in by_name:
+        if len(dups[key]) > 1:
+            sys.exit(f"mkinitrd: {wanted} names {len(dups[key])} modules: give its path")
         add(key)
     elif key not in builtin:
         sys.exit(f"mkinitrd: module {wanted} is neither a module nor built into the kernel")
@@ -88,3 +114,4 @@ case $(head -n1 "$work/order") in *.ko.xz|*.ko.zst|*.ko.gz) echo "mkinitrd: comp
 cp "$work/order" "$work/root/modules.order"
 (cd "$work/root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) | gzip -9n >"$OUT/initrd.gz"
 printf '%s\n' "$kver" >"$OUT/kernel-version"
+cp "$work/order" "$OUT/modules"

@@ -42,6 +42,37 @@ def test_partition_table_and_file_systems(arm64_image: BuiltImage) -> None:
     # FAT boot partition with the manufacturer's template, read without mounting
     listing = run("mdir", "-b", "-i", f"{img}@@{info['boot_partition_offset']}", "::/")
     assert "crowdfl.toml.example" in listing.lower() and "readme.txt" in listing.lower(), listing
+    # the Raspberry Pi boot chain (Debian's raspi-firmware + linux-image-arm64): GPU firmware for the
+    # Pi 3 (bootcode.bin, start.elf) and Pi 4 (start4.elf), device trees, kernel, initrd, config
+    names = {Path(line).name for line in listing.split()}
+    pi = {"bootcode.bin", "start.elf", "fixup.dat", "start4.elf", "fixup4.dat", "config.txt", "cmdline.txt",
+          "bcm2837-rpi-3-b.dtb", "bcm2837-rpi-3-b-plus.dtb", "bcm2711-rpi-4-b.dtb",
+          str(info["pi_kernel"]), str(info["pi_initrd"])}
+    assert pi <= names, sorted(pi - names)
+    cmdline = run("mtype", "-i", f"{img}@@{info['boot_partition_offset']}", "::/cmdline.txt")
+    assert "root=LABEL=CROWDFLROOT" in cmdline and "rootwait" in cmdline and "console=ttyS1,115200" in cmdline, cmdline
+    assert "cma=" not in cmdline, cmdline  # raspi-firmware's cma=64M renders a Pi 4 unbootable
+    config = run("mtype", "-i", f"{img}@@{info['boot_partition_offset']}", "::/config.txt")
+    assert "arm_64bit=1" in config and f"kernel={info['pi_kernel']}" in config, config
+    assert f"initramfs {info['pi_initrd']}" in config, config
+    # the initramfs on the card is the one assembled on the host (busybox + modules), not
+    # initramfs-tools', and QEMU's virt boot uses the very same kernel and initramfs
+    boot_dir = Path(str(img) + ".boot-check")
+    boot_dir.mkdir(exist_ok=True)
+    try:
+        for name, beside in ((info["pi_initrd"], arm64_image.initrd), (info["pi_kernel"], arm64_image.kernel)):
+            run("mcopy", "-n", "-i", f"{img}@@{info['boot_partition_offset']}", f"::/{name}", str(boot_dir / "f"))
+            assert (boot_dir / "f").read_bytes() == beside.read_bytes(), name
+    finally:
+        for f in boot_dir.iterdir():
+            f.unlink()
+        boot_dir.rmdir()
+    initrd_files = subprocess.run(f"zcat {arm64_image.initrd} | cpio -it --quiet", shell=True, check=True,
+                                  capture_output=True, text=True).stdout.split()
+    modules = {Path(f).name for f in initrd_files if f.endswith(".ko")}
+    # the Pi 3 card slot (bcm2835 sdhost), Pi 4 emmc2 (sdhci-iproc), virtio for QEMU, ext4
+    assert {"bcm2835.ko", "sdhci-iproc.ko", "virtio_blk.ko", "ext4.ko", "fixed.ko"} <= modules, sorted(modules)
+    assert {"init", "bin/busybox"} <= set(initrd_files), initrd_files
     assert "LABEL=CROWDFLBOOT" in subprocess.run(
         ["blkid", "-p", "-O", str(info["boot_partition_offset"]), "-o", "export", str(img)],
         capture_output=True, text=True, check=False).stdout
@@ -80,7 +111,19 @@ def test_root_file_system_holds_the_agent_and_its_boot_chain(arm64_image: BuiltI
     assert not list((r / "usr/local/share/ca-certificates").iterdir())
     # QEMU's kernel + initramfs sit beside the image, not in it
     assert arm64_image.kernel.stat().st_size > 5_000_000 and arm64_image.initrd.stat().st_size > 100_000
-    assert not list((r / "boot").glob("vmlinuz*"))
+    # the Pi kernel is installed (so kernel updates run raspi-firmware's hook); its boot copy is on
+    # the FAT partition, mounted over the empty /boot/firmware
+    assert list((r / "boot").glob("vmlinuz-*-arm64")) and not list((r / "boot/firmware").iterdir())
+    assert (wants / "crowdfl-growroot.service").is_symlink()
+    # SSH is off unless the boot partition brings a key, and no host keys are shared between cards
+    assert not (wants / "ssh.service").exists() and not list((r / "etc/ssh").glob("ssh_host_*"))
+    assert (r / "usr/sbin/wpa_supplicant").exists() and (r / "usr/bin/growpart").exists()
+    # the kernel's initramfs in /boot is the image's; update-initramfs is back for kernel updates
+    kver = str(arm64_image.info["kernel"])
+    assert (r / f"boot/initrd.img-{kver}").read_bytes() == arm64_image.initrd.read_bytes()
+    assert (r / "usr/sbin/update-initramfs").read_bytes().startswith(b"#!/bin/sh")
+    assert b"skipped in the image build" not in (r / "usr/sbin/update-initramfs").read_bytes()
+    assert not (r / "usr/sbin/update-initramfs.distrib").exists()
 
 
 def test_a_second_build_comes_from_the_cache(arm64_image: BuiltImage) -> None:
