@@ -127,7 +127,7 @@ def test_small_head_falls_back_to_adam_on_a_reused_model() -> None:
 
 def test_small_head_is_the_shared_numpy_adam() -> None:
     """The edge's fallback is exactly crowdfl.headtrain.adam_head (no Keras fit per customer, whose
-    set-up cost 0.5-3 s a customer): the coordinator's FLTrust reference runs the same function."""
+    set-up cost 0.54 s a customer): the coordinator's FLTrust reference runs the same function."""
     from coordinator.reference import reference_model, RootData
     from crowdfl.headtrain import adam_head, head_loss
 
