@@ -341,6 +341,7 @@ class Shared:
     pki: Any
     tools: Any
     work: Path
+    task: Any  # the DesignedTask every size publishes
     watch_pids: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -423,9 +424,10 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
         key_file = base / "chain.key"
         key_file.write_text(shared.chain.private_key.removeprefix("0x"))
         key_file.chmod(0o600)
+        admin_token = secrets.token_hex(16)
         coord_cfg_path = write_toml(base / "coordinator.toml", {
             "state_dir": str(coord_dir), "database_url": coord_db, "api_host": HOST, "api_port": api_port,
-            "round_timeout_s": float(args.round_timeout), "admin_token": secrets.token_hex(16),
+            "round_timeout_s": float(args.round_timeout), "admin_token": admin_token,
         }, {
             "mqtt": mqtt_table(short_id(coord_id.node_id)),
             "chain": {"kind": "rpc", "rpc_url": shared.chain.rpc_url, "private_key_file": str(key_file),
@@ -454,8 +456,7 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
         env.pop("CROWDFL_CONFIG", None)
         clog = (base / "coordinator.log").open("wb")
         coordinator = subprocess.Popen(
-            [*_launcher(args, base, "coordinator"), str(BIN / "crowdfl-coordinator"), "serve", "--new-task", "--rounds", str(rounds), "--epsilon", "4",
-             "--config", str(coord_cfg_path)], stdin=subprocess.DEVNULL, stdout=clog, stderr=subprocess.STDOUT, env=env, cwd=base,
+            [*_launcher(args, base, "coordinator"), str(BIN / "crowdfl-coordinator"), "serve", "--config", str(coord_cfg_path)], stdin=subprocess.DEVNULL, stdout=clog, stderr=subprocess.STDOUT, env=env, cwd=base,
         )
         procs.append(coordinator)
         watch.pids["coordinator"] = [coordinator.pid]
@@ -472,6 +473,9 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
                                           stdout=elog, stderr=subprocess.STDOUT, env=env, cwd=base))
             watch.pids["edges"].append(procs[-1].pid)
         watch.start()
+        # the manufacturer publishes the task (designed once for every size) through the admin API
+        _wait(lambda: _answers(f"http://{HOST}:{api_port}/api/v1/tasks"), 600, "the coordinator's API", procs)
+        publish_task(f"http://{HOST}:{api_port}", admin_token, shared.task)
 
         gateway = MqttLink(MqttSettings(**{k: v for k, v in mqtt_table(GATEWAY).items() if k != "ca_file"}, ca_file=shared.pki.ca_cert),
                            f"sim-{n}", ["crowdfl/v1/tasks/#", "crowdfl/v1/ack/#"])
@@ -600,6 +604,31 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
             _stop(p)
 
 
+def _answers(url: str) -> bool:
+    try:
+        _get_json(url, timeout=5)
+        return True
+    except OSError:
+        return False
+
+
+def _post(url: str, token: str, data: bytes, content_type: str) -> Any:
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type, "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def publish_task(api: str, token: str, designed: Any, reward_wei: int = 10**18) -> str:
+    """Upload the task's artifacts and publish it: ``POST /api/v1/artifacts`` then ``/api/v1/tasks``."""
+    from crowdfl.messages import CODEC
+
+    spec_hash = _post(f"{api}/api/v1/artifacts", token, CODEC.encode(designed.spec), "application/octet-stream")["address"]
+    _post(f"{api}/api/v1/artifacts", token, designed.front_tflite, "application/octet-stream")
+    _post(f"{api}/api/v1/artifacts", token, CODEC.encode(designed.initial), "application/octet-stream")
+    body = json.dumps({"spec_hash": spec_hash, "reward_wei": str(reward_wei)}).encode()
+    return str(_post(f"{api}/api/v1/tasks", token, body, "application/json")["task_id"])
+
+
 def _launcher(args: argparse.Namespace, base: Path, role: str) -> list[str]:
     """Run a role's console script as is, or under cProfile (``--profile``: stats written on its clean stop)."""
     if not args.profile:
@@ -680,6 +709,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
     t_all = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    from coordinator.task_model import TaskDesign, design_task
+    from crowdfl import household
+
+    designed = design_task(TaskDesign(rounds=args.rounds, epsilon=4.0, seed=args.seed + 7), household.WORLD_START)
+    print(f"  task designed in {time.perf_counter() - t_all:.0f} s (the manufacturer's lab; published to each size's coordinator)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="crowdfl-scale-"))
     print(f"  workdir {work} (removed at the end)", flush=True)
     try:
@@ -689,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                 pki = mosq._Pki(work / "pki", tools.openssl)  # type: ignore[union-attr]
                 pki.server()
                 pg_pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-                shared = Shared(pg, chain, pki, tools, work, {"postgres": [pg_pid], "chain": [n.proc.pid for n in chain.nodes]})
+                shared = Shared(pg, chain, pki, tools, work, designed, {"postgres": [pg_pid], "chain": [n.proc.pid for n in chain.nodes]})
                 for n, m in zip(sizes, edges):
                     rows.append(run_size(n, m, args.rounds, args, shared))
             finally:

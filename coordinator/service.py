@@ -210,6 +210,8 @@ class Coordinator:
             pairs = [(bytes.fromhex(p.node_id), bytes.fromhex(p.edge)) for p in adds if p.role == "device" and p.edge in edges_on_chain]
             for i in range(0, len(pairs), step):
                 self.contracts.bind_edges(pairs[i : i + step])
+                # the receipt says the chain now binds exactly these pairs
+                self._bound_on_chain.update((d.hex(), e.hex()) for d, e in pairs[i : i + step])
             for p in drops:
                 key = bytes.fromhex(p.node_id)
                 if self.contracts.is_active(key, role[p.node_id]):

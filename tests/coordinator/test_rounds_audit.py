@@ -278,6 +278,8 @@ def test_intake_reads_a_devices_chain_binding_once_until_the_registry_changes(wo
     calls: list[bytes] = []
     real = contracts.edge_of
     monkeypatch.setattr(contracts, "edge_of", lambda device: calls.append(device) or real(device))
+    assert set(coord._bound_on_chain) == {d.node_id for d in devices}  # it bound them itself
+    coord._bound_on_chain.clear()  # as a restarted coordinator: nothing read yet
     rs = coord.open_round(spec.task_id, 1)
     assert coord.receive_update(update_env(edge, spec, 1, devices[0], rs.global_model_hash, 0.05, 1)).status == "received"
     assert coord._bound_on_chain == {devices[0].node_id: edge.node_id}
@@ -286,6 +288,9 @@ def test_intake_reads_a_devices_chain_binding_once_until_the_registry_changes(wo
     other = Identity.generate()
     coord.register([(other.public, "edge", None, None)])  # the Registry changed: read again
     assert coord._bound_on_chain == {}
+    newcomer = Identity.generate()
+    coord.register([(newcomer.public, "device", edge.node_id, None)])  # bound by this coordinator: known at once
+    assert coord._bound_on_chain == {newcomer.node_id: edge.node_id}
     contracts.bind_edges([(bytes.fromhex(devices[2].node_id), bytes.fromhex(other.node_id))])
     got = coord.receive_update(update_env(edge, spec, 1, devices[2], rs.global_model_hash, 0.05, 3))
     assert got.detail.startswith("wrong_edge_on_chain") and devices[2].node_id not in coord._bound_on_chain
