@@ -9,8 +9,10 @@ serve --new-task`` and M real ``crowdfl-edge run`` processes, configured through
 The devices are simulated lightly: ``--sim-workers`` processes multiplex the N identities. Each
 device is the agent's own :class:`agent.service.Agent` (real Ed25519/X25519 keys, its own privacy
 ledger and spool in its own SQLite file, the agent's release, receipt and envelope code), built
-for the moment it acts and closed after: it opens the coordinator's signed TaskSpec and RoundStart,
-takes its edge's signed acknowledgements of the previous round, releases its batch, and the
+for the moment it acts and closed after: it opens the coordinator's signed TaskSpec, takes its
+edge's signed acknowledgements of the previous round, gets the round's RoundStart (signature checked
+and decoded once per simulator process and timed: every device would do the same work on the same
+bytes, and it grows with N), releases its batch, and the
 simulator publishes what the agent's uplink handed over on the device's own TLS connection with
 its own MQTT account (QoS 1, clean session: no device holds a session on the broker). Devices
 share a few generated households' usage logs (read only) and draw their noise from a seeded
@@ -34,6 +36,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -143,10 +146,21 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
     from crowdfl.identity import Identity, PublicIdentity, short_id
     from crowdfl.mqtt import Incoming
 
+    from crowdfl.envelope import open_envelope
+    from crowdfl.messages import CODEC, RoundStart
+
     logging.getLogger("agent").setLevel(logging.ERROR)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     coordinator = PublicIdentity.from_hex(job.coordinator_sign, job.coordinator_enc)
+    # Every device checks the coordinator's signature on the same RoundStart and decodes the same
+    # bytes: done once per simulator process and timed (it grows with N: the RoundStart lists every
+    # selected device), then handed to each device's agent as its own check would.
+    task_msg, (round_topic_, round_payload, _) = job.messages
+    c0 = time.process_time()
+    opened = open_envelope(round_payload, lookup_sender=lambda s: coordinator if s == coordinator.node_id else None)
+    round_start = CODEC.decode(opened.body, RoundStart)
+    round_check_s = time.process_time() - c0
     front = Path(job.front_path).read_bytes()
     model_dir = Path(job.workdir) / "models"
     work: queue.Queue[tuple[str, str, list[tuple[str, bytes]]] | None] = queue.Queue(maxsize=256)
@@ -184,8 +198,8 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
             for topic, payload, retain in job.acks.get(short, []):
                 agent.handle(Incoming(topic, payload, retain))
             acked += len(job.acks.get(short, []))
-            for topic, payload, retain in job.messages:
-                agent.handle(Incoming(topic, payload, retain))
+            agent.handle(Incoming(*task_msg))
+            agent._on_round(round_start)  # what agent.handle does with the RoundStart once it checked it
             released += agent.stats.contributions
         finally:
             agent.state.close()
@@ -200,7 +214,7 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
     return {
         "devices": len(job.devices), "released": released, "published": published[0], "acks_taken": acked,
         "errors": errors[:5], "error_count": len(errors), "cpu_s": time.process_time() - cpu0,
-        "wall_s": time.perf_counter() - t0, "agent_wall_s": contribute_s,
+        "wall_s": time.perf_counter() - t0, "agent_wall_s": contribute_s, "round_start_check_s": round_check_s,
     }
 
 
@@ -289,6 +303,20 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 60.0) -> None:
+    """SIGTERM every process at once (the roles stop cleanly in parallel), then SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
 
 
 def _toml(value: Any) -> str:
@@ -456,7 +484,7 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
         env.pop("CROWDFL_CONFIG", None)
         clog = (base / "coordinator.log").open("wb")
         coordinator = subprocess.Popen(
-            [*_launcher(args, base, "coordinator"), str(BIN / "crowdfl-coordinator"), "serve", "--config", str(coord_cfg_path)], stdin=subprocess.DEVNULL, stdout=clog, stderr=subprocess.STDOUT, env=env, cwd=base,
+            [*_launcher(args, base, "coordinator"), "serve", "--config", str(coord_cfg_path)], stdin=subprocess.DEVNULL, stdout=clog, stderr=subprocess.STDOUT, env=env, cwd=base,
         )
         procs.append(coordinator)
         watch.pids["coordinator"] = [coordinator.pid]
@@ -469,7 +497,7 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
                 "http": {"enabled": False},
             })
             elog = (base / f"edge{i}.log").open("wb")
-            procs.append(subprocess.Popen([*_launcher(args, base, f"edge{i}"), str(BIN / "crowdfl-edge"), "run", "--config", str(edge_cfg)], stdin=subprocess.DEVNULL,
+            procs.append(subprocess.Popen([*_launcher(args, base, f"edge{i}"), "run", "--config", str(edge_cfg)], stdin=subprocess.DEVNULL,
                                           stdout=elog, stderr=subprocess.STDOUT, env=env, cwd=base))
             watch.pids["edges"].append(procs[-1].pid)
         watch.start()
@@ -564,6 +592,7 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
                 sim = {k: sum(s[k] for s in sims) for k in ("devices", "released", "published", "acks_taken", "error_count", "cpu_s")}
                 sim["errors"] = [e for s in sims for e in s["errors"]][:5]
                 sim["wall_s"] = max(s["wall_s"] for s in sims)
+                sim["round_start_check_s"] = max(s["round_start_check_s"] for s in sims)  # per device (done once per process)
                 cpu = {k: cpu1[k] - cpu0[k] for k in ROLES}
                 per_round.append({
                     # round 1 opens while the bench still sets up: a round is timed from whichever
@@ -585,7 +614,8 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
         steady = per_round[-1]
         return {
             "devices": n, "edges": m, "rounds": rounds, "setup_s": setup_s, "registration_s": reg_s,
-            "round_start_bytes": len(rm[1]), "per_round": per_round,
+            "round_start_bytes": len(rm[1]), "round_start_check_ms_per_device": steady["simulator"]["round_start_check_s"] * 1000,
+            "round_start_egress_bytes": len(rm[1]) * n, "per_round": per_round,
             "seconds_per_round": steady["open_to_close_s"], "seconds_to_anchored": steady["to_anchored_s"],
             "system_cpu_s_per_device": steady["system_cpu_s"] / n,
             "coordinator_cpu_s_per_round": steady["cpu_s"]["coordinator"], "chain_cpu_s_per_round": steady["cpu_s"]["chain"],
@@ -600,8 +630,7 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
         watch.stop()
         if gateway is not None:
             gateway.stop()
-        for p in reversed(procs):
-            _stop(p)
+        stop_all(procs)
 
 
 def _answers(url: str) -> bool:
@@ -630,12 +659,12 @@ def publish_task(api: str, token: str, designed: Any, reward_wei: int = 10**18) 
 
 
 def _launcher(args: argparse.Namespace, base: Path, role: str) -> list[str]:
-    """Run a role's console script as is, or under cProfile (``--profile``: stats written on its clean stop)."""
+    """A role's console script, or (``--profile``) its module under bench/stack_sampler.py."""
+    script, module = ("crowdfl-coordinator", "coordinator.cli") if role == "coordinator" else ("crowdfl-edge", "edge_server.cli")
     if not args.profile:
-        return [sys.executable]
-    out = args.profile / f"{base.name}-{role}.prof"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-m", "cProfile", "-o", str(out)]
+        return [sys.executable, str(BIN / script)]
+    args.profile.mkdir(parents=True, exist_ok=True)
+    return [sys.executable, str(ROOT / "bench" / "stack_sampler.py"), str(args.profile / f"{base.name}-{role}.txt"), module]
 
 
 def _fetch(base_url: str, sha256: str) -> bytes:
@@ -672,6 +701,36 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, sizes: list[int], edges: list[int], t_all: float,
+           complete: bool) -> None:
+    """Print the table, write bench/results/scale.json (``complete`` false: the sizes still to come are
+    missing) and plot."""
+    print()
+    print(f"{'devices':>8} {'edges':>5} {'s/round':>8} {'s→anchor':>8} {'CPU s/dev':>10} {'edge s/dev':>10} {'sim s/dev':>9} "
+          f"{'coord s':>8} {'chain s':>8} {'gas':>9} {'acc':>6} {'DB B/dev':>9} {'store B/dev':>11}  peak RSS MB")
+    for r in rows:
+        g = r["growth_bytes_per_device_round"]
+        rss = r["peak_rss_mb"]
+        print(f"{r['devices']:>8,} {r['edges']:>5} {r['seconds_per_round']:>8.1f} {r['seconds_to_anchored']:>8.1f} "
+              f"{r['system_cpu_s_per_device']:>10.4f} {r['edge_cpu_s_per_device']:>10.4f} {r['simulator_cpu_s_per_device']:>9.4f} "
+              f"{r['coordinator_cpu_s_per_round']:>8.1f} {r['chain_cpu_s_per_round']:>8.1f} {r['gas_per_round']:>9,} {r['accuracy']:>6.3f} "
+              f"{(g['coordinator_db'] + g['edge_dbs']):>9.0f} {g['store']:>11.0f}  "
+              + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+    control = next((r for r in rows if r["devices"] == 100), rows[0])
+    top = rows[-1]
+    ratio = top["system_cpu_s_per_device"] / control["system_cpu_s_per_device"]
+    print(f"per-device system CPU at N={top['devices']:,} vs N={control['devices']:,} (the control): {ratio:.2f}x (target <= 1)")
+    figures = {
+        "sizes": sizes, "edges": edges, "rounds": args.rounds, "round_timeout_s": args.round_timeout,
+        "registry_batch": args.registry_batch, "sim_workers": args.sim_workers, "rows": rows,
+        "per_device_cpu_ratio_top_vs_control": ratio, "control_devices": control["devices"], "total_s": time.perf_counter() - t_all,
+        "complete": complete,
+    }
+    out = write_result("scale", figures, quick=args.quick, results_dir=args.results_dir)
+    png = plot(rows, (args.results_dir or RESULTS) / ("scale.quick.png" if args.quick else "scale.png"))
+    print(f"  figures: {out}" + (f"; plot: {png}" if png else " (matplotlib missing: no plot)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10,100,1000,10000", help="devices per run, comma-separated")
@@ -684,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--households", type=int, default=24, help="generated usage logs the devices share (read only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="10 and 100 devices through 2 edges, 1 round; writes scale.quick.json")
-    p.add_argument("--profile", type=Path, default=None, help="folder for cProfile stats of the coordinator and edges")
+    p.add_argument("--profile", type=Path, default=None, help="folder for stack samples of the coordinator and edges (bench/stack_sampler.py)")
     p.add_argument("--results-dir", type=Path, default=None, help="where scale.json goes (default bench/results)")
     args = p.parse_args(argv)
     if args.quick:
@@ -695,6 +754,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--edges needs one count per size")
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def interrupted(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the clean-up finish
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)  # SIGTERM too stops every process started here
+    signal.signal(signal.SIGINT, interrupted)
 
     from tests.support import mosquitto as mosq
     from tests.support.poa_chain import ethereumjs_missing, start_clique_chain
@@ -726,33 +793,13 @@ def main(argv: list[str] | None = None) -> int:
                 shared = Shared(pg, chain, pki, tools, work, designed, {"postgres": [pg_pid], "chain": [n.proc.pid for n in chain.nodes]})
                 for n, m in zip(sizes, edges):
                     rows.append(run_size(n, m, args.rounds, args, shared))
+                    if len(rows) < len(sizes):  # what is measured so far survives a later failure
+                        report(rows, args, sizes, edges, t_all, complete=False)
             finally:
                 chain.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print()
-    print(f"{'devices':>8} {'edges':>5} {'s/round':>8} {'s→anchor':>8} {'CPU s/dev':>10} {'edge s/dev':>10} {'sim s/dev':>9} "
-          f"{'coord s':>8} {'chain s':>8} {'gas':>9} {'acc':>6} {'DB B/dev':>9} {'store B/dev':>11}  peak RSS MB")
-    for r in rows:
-        g = r["growth_bytes_per_device_round"]
-        rss = r["peak_rss_mb"]
-        print(f"{r['devices']:>8,} {r['edges']:>5} {r['seconds_per_round']:>8.1f} {r['seconds_to_anchored']:>8.1f} "
-              f"{r['system_cpu_s_per_device']:>10.4f} {r['edge_cpu_s_per_device']:>10.4f} {r['simulator_cpu_s_per_device']:>9.4f} "
-              f"{r['coordinator_cpu_s_per_round']:>8.1f} {r['chain_cpu_s_per_round']:>8.1f} {r['gas_per_round']:>9,} {r['accuracy']:>6.3f} "
-              f"{(g['coordinator_db'] + g['edge_dbs']):>9.0f} {g['store']:>11.0f}  "
-              + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
-    control = next((r for r in rows if r["devices"] == 100), rows[0])
-    top = rows[-1]
-    ratio = top["system_cpu_s_per_device"] / control["system_cpu_s_per_device"]
-    print(f"per-device system CPU at N={top['devices']:,} vs N={control['devices']:,} (the control): {ratio:.2f}x (target <= 1)")
-    figures = {
-        "sizes": sizes, "edges": edges, "rounds": args.rounds, "round_timeout_s": args.round_timeout,
-        "registry_batch": args.registry_batch, "sim_workers": args.sim_workers, "rows": rows,
-        "per_device_cpu_ratio_top_vs_control": ratio, "control_devices": control["devices"], "total_s": time.perf_counter() - t_all,
-    }
-    out = write_result("scale", figures, quick=args.quick, results_dir=args.results_dir)
-    png = plot(rows, (args.results_dir or RESULTS) / ("scale.quick.png" if args.quick else "scale.png"))
-    print(f"  figures: {out}" + (f"; plot: {png}" if png else " (matplotlib missing: no plot)"))
+    report(rows, args, sizes, edges, t_all, complete=True)
     return 0
 
 
