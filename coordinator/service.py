@@ -373,6 +373,15 @@ class Coordinator:
         update_hash = sealed.digest
         if not is_hex64(update.customer) or not 1 <= update.round <= 2**31 - 1 or not 0 <= update.num_samples <= 2**31 - 1:
             return IntakeResult(400, "rejected", "malformed: customer must be 64 hex characters, round and num_samples 32-bit")
+        # the chain's binding of a device this edge serves, read before the lock: an eth_call (once
+        # per device, then kept) must not hold every other edge's submission up
+        prebound: str | ChainError | None = None
+        known = self._participant(update.customer)
+        if known is not None and known.role == "device" and known.active and known.edge == sealed.sender_id:
+            try:
+                prebound = self._chain_binding(update.customer, sealed.sender_id)
+            except ChainError as exc:
+                prebound = exc
         with self._lock:
             try:
                 spec = self.spec(update.task_id)
@@ -420,11 +429,9 @@ class Coordinator:
                 log.warning("update from %s for %s refused: %s", sealed.sender_id[:12], update.customer[:12], exc)
                 return IntakeResult(422, "rejected", str(exc), update_hash)
             try:
-                bound: str | None = self._bound_on_chain.get(update.customer)
-                if bound != sealed.sender_id:
-                    bound = (self.contracts.edge_of(bytes.fromhex(update.customer)) or b"").hex()
-                    if bound == sealed.sender_id:
-                        self._bound_on_chain[update.customer] = bound
+                if isinstance(prebound, ChainError):
+                    raise prebound
+                bound: str | None = prebound if prebound is not None else self._chain_binding(update.customer, sealed.sender_id)
             except ChainError as exc:
                 # liveness over a chain outage: the database binding was checked above, and the
                 # audit checks the chain's binding of every anchored update
@@ -456,6 +463,15 @@ class Coordinator:
             log.warning("update from %s for %s rejected: %s", sealed.sender_id[:12], update.customer[:12], reason)
             return IntakeResult(422, "rejected", reason, update_hash)
         return IntakeResult(200, "received", "", update_hash)
+
+    def _chain_binding(self, device: str, edge: str) -> str:
+        """The edge the chain binds ``device`` to (hex, empty when none); a binding to ``edge`` is kept."""
+        bound = self._bound_on_chain.get(device)
+        if bound != edge:
+            bound = (self.contracts.edge_of(bytes.fromhex(device)) or b"").hex()
+            if bound == edge:
+                self._bound_on_chain[device] = bound
+        return bound
 
     def round_progress(self, task_id: str, round_: int) -> tuple[int, int]:
         """(updates received, customers selected)."""
