@@ -501,9 +501,6 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
                                           stdout=elog, stderr=subprocess.STDOUT, env=env, cwd=base))
             watch.pids["edges"].append(procs[-1].pid)
         watch.start()
-        # the manufacturer publishes the task (designed once for every size) through the admin API
-        _wait(lambda: _answers(f"http://{HOST}:{api_port}/api/v1/tasks"), 600, "the coordinator's API", procs)
-        publish_task(f"http://{HOST}:{api_port}", admin_token, shared.task)
 
         gateway = MqttLink(MqttSettings(**{k: v for k, v in mqtt_table(GATEWAY).items() if k != "ca_file"}, ca_file=shared.pki.ca_cert),
                            f"sim-{n}", ["crowdfl/v1/tasks/#", "crowdfl/v1/ack/#"])
@@ -544,6 +541,10 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
             log.append(SimulatedSource(profile, household.WORLD_START, 900, args.seed * 1000 + h).backfill(8 + 6 * rounds))
             log.close()
             households.append(str(path))
+        # everything is ready: the manufacturer publishes the task (designed once for every size)
+        # through the admin API, and the coordinator opens round 1 at once (its round timeout runs)
+        _wait(lambda: _answers(f"http://{HOST}:{api_port}/api/v1/tasks"), 600, "the coordinator's API", procs)
+        publish_task(f"http://{HOST}:{api_port}", admin_token, shared.task)
         rm = _wait(lambda: round_message(1), 900, "round 1 on the broker", procs)
         task_msg = next(v for k, v in retained.items() if not k.endswith("/round"))
         spec = CODEC.decode(open_envelope(task_msg[1], lookup_sender=lambda s: coord_id.public).body, TaskSpec)
@@ -618,6 +619,7 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
             "round_start_egress_bytes": len(rm[1]) * n, "per_round": per_round,
             "seconds_per_round": steady["open_to_close_s"], "seconds_to_anchored": steady["to_anchored_s"],
             "system_cpu_s_per_device": steady["system_cpu_s"] / n,
+            "system_cpu_s_per_accepted_update": steady["system_cpu_s"] / max(1, steady["accepted"]),
             "coordinator_cpu_s_per_round": steady["cpu_s"]["coordinator"], "chain_cpu_s_per_round": steady["cpu_s"]["chain"],
             "edge_cpu_s_per_device": steady["cpu_s"]["edges"] / n,
             "simulator_cpu_s_per_device": steady["simulator"]["cpu_s"] / n,
@@ -721,7 +723,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, sizes: list[int
     ratio = top["system_cpu_s_per_device"] / control["system_cpu_s_per_device"]
     print(f"per-device system CPU at N={top['devices']:,} vs N={control['devices']:,} (the control): {ratio:.2f}x (target <= 1)")
     figures = {
-        "sizes": sizes, "edges": edges, "rounds": args.rounds, "round_timeout_s": args.round_timeout,
+        "sizes": sizes, "edges": edges, "rounds": [r["rounds"] for r in rows], "round_timeout_s": args.round_timeout,
         "registry_batch": args.registry_batch, "sim_workers": args.sim_workers, "rows": rows,
         "per_device_cpu_ratio_top_vs_control": ratio, "control_devices": control["devices"], "total_s": time.perf_counter() - t_all,
         "complete": complete,
@@ -734,9 +736,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, sizes: list[int
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10,100,1000,10000", help="devices per run, comma-separated")
-    p.add_argument("--edges", default="2,4,10,10", help="edge servers per run, one per size")
-    p.add_argument("--rounds", type=int, default=2, help="rounds per run (the last one is reported; round 1 pays the edges' warm-up)")
-    p.add_argument("--round-timeout", type=float, default=900.0, help="the coordinator's round_timeout_s")
+    p.add_argument("--edges", default="2,2,5,10", help="edge servers per run, one per size")
+    p.add_argument("--rounds", default="2,2,1,1", help="rounds per run, one per size (the last one is reported; round 1 pays the "
+                   "edges' warm-up, TensorFlow's import among it, and one eth_call per device)")
+    p.add_argument("--round-timeout", type=float, default=600.0, help="the coordinator's round_timeout_s: a round closes then with the updates it has")
     p.add_argument("--registry-batch", type=int, default=800, help="devices per registerMany/bindEdges transaction")
     p.add_argument("--sim-workers", type=int, default=2, help="device simulator processes")
     p.add_argument("--publishers", type=int, default=4, help="TLS publishing threads per simulator process")
@@ -747,11 +750,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=None, help="where scale.json goes (default bench/results)")
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.edges, args.rounds = "10,100", "2,2", 1
+        args.sizes, args.edges, args.rounds = "10,100", "2,2", "1,1"
     sizes = [int(x) for x in args.sizes.split(",")]
     edges = [int(x) for x in args.edges.split(",")]
-    if len(edges) != len(sizes):
-        p.error("--edges needs one count per size")
+    rounds = [int(x) for x in str(args.rounds).split(",")]
+    if len(rounds) == 1:
+        rounds *= len(sizes)
+    if len(edges) != len(sizes) or len(rounds) != len(sizes):
+        p.error("--edges and --rounds need one count per size")
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -772,14 +778,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench/scale.py: real parts missing: {'; '.join(missing)}", file=sys.stderr)
         return 3
-    print(f"crowdfl scale bench: {', '.join(f'{n} devices / {m} edges' for n, m in zip(sizes, edges))}, {args.rounds} round(s) each; "
+    print(f"crowdfl scale bench: {', '.join(f'{n} devices / {m} edges / {r} round(s)' for n, m, r in zip(sizes, edges, rounds))}; "
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
     t_all = time.perf_counter()
     rows: list[dict[str, Any]] = []
     from coordinator.task_model import TaskDesign, design_task
     from crowdfl import household
 
-    designed = design_task(TaskDesign(rounds=args.rounds, epsilon=4.0, seed=args.seed + 7), household.WORLD_START)
+    designed = design_task(TaskDesign(rounds=max(rounds), epsilon=4.0, seed=args.seed + 7), household.WORLD_START)
     print(f"  task designed in {time.perf_counter() - t_all:.0f} s (the manufacturer's lab; published to each size's coordinator)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="crowdfl-scale-"))
     print(f"  workdir {work} (removed at the end)", flush=True)
@@ -791,8 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                 pki.server()
                 pg_pid = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
                 shared = Shared(pg, chain, pki, tools, work, designed, {"postgres": [pg_pid], "chain": [n.proc.pid for n in chain.nodes]})
-                for n, m in zip(sizes, edges):
-                    rows.append(run_size(n, m, args.rounds, args, shared))
+                for n, m, r in zip(sizes, edges, rounds):
+                    rows.append(run_size(n, m, r, args, shared))
                     if len(rows) < len(sizes):  # what is measured so far survives a later failure
                         report(rows, args, sizes, edges, t_all, complete=False)
             finally:
