@@ -179,12 +179,13 @@ def scale_figure() -> str:
     sizes = " / ".join(f"{r['devices']:,}" for r in rows)
     edges = " / ".join(str(r["edges"]) for r in rows)
     secs = " / ".join(f"{r['seconds_per_round']:.0f}" for r in rows)
-    cpu = " / ".join(f"{r['system_cpu_s_per_device'] * 1000:.0f}" for r in rows)
+    cpu = " / ".join(f"{r['system_cpu_s_per_device'] * 1000:,.0f}" for r in rows)
     gas = sorted({r["gas_per_round"] for r in rows})
+    gas_text = f"{gas[0]:,}" if len(gas) == 1 else f"{gas[0]:,}–{gas[-1]:,}"
     acc = " / ".join(f"{r['accuracy']:.2f}" for r in rows)
     return (f"{sizes} devices through {edges} edges: {secs} s a round; {cpu} ms of system CPU per device "
             f"({f['per_device_cpu_ratio_top_vs_control']:.2f}× at {rows[-1]['devices']:,} vs {f['control_devices']:,}); "
-            f"{gas[0]:,}–{gas[-1]:,} gas a round; accuracy {acc}")
+            f"{gas_text} gas a round; accuracy {acc}")
 
 
 def growth_fragments() -> list[str]:
