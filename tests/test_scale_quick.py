@@ -49,7 +49,9 @@ def test_scale_bench_quick(tmp_path: Path) -> None:
         assert rnd["accepted"] == rnd["selected"] == r["devices"], rnd
         assert rnd["gas"] > 100_000 and 0.0 <= rnd["accuracy"] <= 1.0
         assert r["seconds_per_round"] > 0 and r["system_cpu_s_per_device"] > 0
-        assert all(rnd["cpu_s"][role] > 0 for role in ("broker", "postgres", "chain", "coordinator", "edges")), rnd["cpu_s"]
+        # every role's processes were found and read (a ten-device round may cost the broker < 10 ms)
+        assert set(rnd["cpu_s"]) == {"broker", "postgres", "chain", "coordinator", "edges"}, rnd["cpu_s"]
+        assert all(rnd["cpu_s"][role] > 0 for role in ("postgres", "chain", "coordinator", "edges")), rnd["cpu_s"]
         assert set(r["peak_rss_mb"]) >= {"broker", "postgres", "chain", "coordinator", "edges", "one_edge"}
         assert r["growth_bytes_per_round"]["store"] > 0 and r["growth_bytes_per_round"]["edge_dbs"] > 0
     # nothing the bench started is left behind
