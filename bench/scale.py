@@ -545,8 +545,12 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
         # through the admin API, and the coordinator opens round 1 at once (its round timeout runs)
         _wait(lambda: _answers(f"http://{HOST}:{api_port}/api/v1/tasks"), 600, "the coordinator's API", procs)
         publish_task(f"http://{HOST}:{api_port}", admin_token, shared.task)
+        def task_message() -> tuple[str, bytes, bool] | None:
+            pump()
+            return next((v for k, v in retained.items() if not k.endswith("/round")), None)
+
+        task_msg = _wait(task_message, 900, "the task on the broker", procs)
         rm = _wait(lambda: round_message(1), 900, "round 1 on the broker", procs)
-        task_msg = next(v for k, v in retained.items() if not k.endswith("/round"))
         spec = CODEC.decode(open_envelope(task_msg[1], lookup_sender=lambda s: coord_id.public).body, TaskSpec)
         front_path = base / "front.tflite"
         front_path.write_bytes(_fetch(f"http://{HOST}:{api_port}", spec.front_model_hash))
