@@ -586,7 +586,10 @@ def run_size(n: int, m: int, rounds: int, args: argparse.Namespace, shared: Shar
                 t_sent = time.perf_counter()
 
                 def closed(r: int = r) -> dict[str, Any] | None:
-                    rows = [x for x in _get_json(api) if x["round"] == r]
+                    try:
+                        rows = [x for x in _get_json(api) if x["round"] == r]
+                    except OSError:  # busy closing a large round (its API waits behind the intake lock): ask again
+                        return None
                     done = rows and rows[0]["status"] != "open" and rows[0]["tx_hash"] and (rows[0]["settled"] or rows[0]["settle_note"])
                     return rows[0] if done else None
 
