@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crowdfl.backmodel import check_back_weights
 from crowdfl.messages import TaskSpec
 from crowdfl.task import laplace_scale
 
-BATCH = 32
-BETA_1, BETA_2, EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
+# the numpy Adam now lives in the core, shared with the edge's trainer (re-exported here)
+from crowdfl.headtrain import BATCH, BETA_1, BETA_2, EPSILON, adam_head  # noqa: E402,F401
 
 
 @dataclass(frozen=True)
@@ -58,40 +57,3 @@ def reference_model(
     if len(y_all) == 0:
         raise ValueError("empty root dataset")
     return adam_head(global_weights, np.asarray(x_all, np.float32), np.asarray(y_all, np.int64), spec, seed)
-
-
-def adam_head(global_weights: Sequence[np.ndarray], x_all: np.ndarray, y_all: np.ndarray, spec: TaskSpec, seed: int) -> list[np.ndarray]:
-    """Local epochs of minibatch Adam (Keras' defaults, batch 32, reshuffled each epoch) on
-    Dense-ReLU-Dense with sparse cross-entropy on logits, from ``global_weights``. Also the numpy
-    mirror of the edge's Adam fallback in bench/quality/fasttrain.py."""
-    check_back_weights(global_weights, spec)
-    params = [np.array(w, dtype=np.float32) for w in global_weights]
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
-    rng = np.random.default_rng(seed)
-    lr = np.float32(spec.learning_rate)
-    n = len(y_all)
-    step = 0
-    for _ in range(spec.local_epochs):
-        order = rng.permutation(n)
-        for start in range(0, n, BATCH):
-            idx = order[start : start + BATCH]
-            x, y = x_all[idx], y_all[idx]
-            w1, b1, w2, b2 = params
-            pre = x @ w1 + b1
-            h = np.maximum(pre, 0.0)
-            logits = h @ w2 + b2
-            logits = logits - logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            p /= p.sum(axis=1, keepdims=True)
-            p[np.arange(len(y)), y] -= 1.0
-            g_logits = p / len(y)
-            g_h = (g_logits @ w2.T) * (pre > 0)
-            grads = (x.T @ g_h, g_h.sum(axis=0), h.T @ g_logits, g_logits.sum(axis=0))
-            step += 1
-            alpha = lr * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step)
-            for i, g in enumerate(grads):
-                m[i] += (g - m[i]) * (1 - BETA_1)
-                v[i] += (g * g - v[i]) * (1 - BETA_2)
-                params[i] -= (m[i] * alpha / (np.sqrt(v[i]) + EPSILON)).astype(np.float32)
-    return [p.astype(np.float32) for p in params]

@@ -27,6 +27,14 @@ class Registry:
         self.sessions = sessions
         self.contracts = contracts
         self._lock = lock  # the coordinator's: a removal is serialised with update intake
+        # devices enrolled per registerMany / bindEdges transaction (about 26k and 28k gas an entry;
+        # the PoA chain's block gas limit is 30M)
+        self.registry_batch = 50
+        # device -> edge bindings this process has read from the chain. Only this coordinator's key
+        # can change the Registry (onlyOwner), and it forgets them whenever it registers or removes
+        # anyone, so a binding read once holds for later updates; at 10,000 updates a round the
+        # eth_call per update cost the chain node more CPU than the edges' training (bench/scale.py)
+        self._bound_on_chain: dict[str, str] = {}
 
     def register(self, entries: Sequence[tuple[PublicIdentity, str, str | None, str | None]]) -> None:
         """(identity, role "device"|"edge", a device's edge node id, payout address) -> DB and chain.
@@ -85,13 +93,15 @@ class Registry:
             todo = list(s.scalars(select(Participant).where(Participant.on_chain.is_(False))))
         if not todo:
             return 0
+        self._bound_on_chain.clear()  # the chain's bindings are about to change
         role = {p.node_id: Role.EDGE if p.role == "edge" else Role.DEVICE for p in todo}
         adds = [p for p in todo if p.active]
         drops = [p for p in todo if not p.active]
         done: list[tuple[str, bool]] = []
         try:
-            for i in range(0, len(adds), 50):
-                batch = adds[i : i + 50]
+            step = max(1, self.registry_batch)
+            for i in range(0, len(adds), step):
+                batch = adds[i : i + step]
                 entries = [(bytes.fromhex(p.node_id), role[p.node_id], p.payout) for p in batch]
                 try:
                     self.contracts.register_many(entries)
@@ -108,8 +118,10 @@ class Registry:
             with self.sessions() as s:
                 edges_on_chain |= set(s.scalars(select(Participant.node_id).where(Participant.role == "edge", Participant.active, Participant.on_chain)))
             pairs = [(bytes.fromhex(p.node_id), bytes.fromhex(p.edge)) for p in adds if p.role == "device" and p.edge in edges_on_chain]
-            for i in range(0, len(pairs), 50):
-                self.contracts.bind_edges(pairs[i : i + 50])
+            for i in range(0, len(pairs), step):
+                self.contracts.bind_edges(pairs[i : i + step])
+                # the receipt says the chain now binds exactly these pairs
+                self._bound_on_chain.update((d.hex(), e.hex()) for d, e in pairs[i : i + step])
             for p in drops:
                 key = bytes.fromhex(p.node_id)
                 if self.contracts.is_active(key, role[p.node_id]):
@@ -135,3 +147,12 @@ class Registry:
     def edge_on_chain(self, node_id: str) -> bool:
         row = self.participant(node_id)
         return row is not None and row.on_chain
+
+    def chain_binding(self, device: str, edge: str) -> str:
+        """The edge the chain binds ``device`` to (hex, empty when none); a binding to ``edge`` is kept."""
+        bound = self._bound_on_chain.get(device)
+        if bound != edge:
+            bound = (self.contracts.edge_of(bytes.fromhex(device)) or b"").hex()
+            if bound == edge:
+                self._bound_on_chain[device] = bound
+        return bound

@@ -162,6 +162,7 @@ TABLE: dict[str, tuple[str, Callable[[], str]]] = {
     "SD-card image build": ("image", image_build_figure),
     "SD-card image boot": ("image", image_boot_figure),
     "the agent's memory on arm64": ("image", image_memory_figure),
+    "devices through edges on the real parts": ("scale", lambda: scale_figure()),
 }
 # figure cells that are only a link to a report generated from a committed result
 LINKED_REPORTS = {
@@ -218,3 +219,50 @@ def test_the_ingest_limit_matches_the_ingest_bench() -> None:
             f"spends {edge['0']['stats']['cpu_us_per_msg_this_process']:.0f} µs of CPU a message against the raw subscriber's "
             f"{f['raw_median_cpu_us_per_msg']:.0f} µs")
     assert text in flat_readme(), f"the README's known limits should say: {text}"
+
+
+def _scale() -> dict[str, Any]:
+    return result("scale")["figures"]
+
+
+def scale_figure() -> str:
+    """The Measured row of bench/scale.py: round time, system CPU per device, gas, per size."""
+    rows = _scale()["rows"]
+    f = _scale()
+    sizes = " / ".join(f"{r['devices']:,}" for r in rows)
+    edges = " / ".join(str(r["edges"]) for r in rows)
+    secs = " / ".join(f"{r['seconds_per_round']:.0f}" for r in rows)
+    cpu = " / ".join(f"{r['system_cpu_s_per_device'] * 1000:,.0f}" for r in rows)
+    gas = sorted({r["gas_per_round"] for r in rows})
+    gas_text = f"{gas[0]:,}" if len(gas) == 1 else f"{gas[0]:,}–{gas[-1]:,}"
+    acc = " / ".join(f"{r['accuracy']:.2f}" for r in rows)
+    return (f"{sizes} devices through {edges} edges: {secs} s a round; {cpu} ms of system CPU per device "
+            f"({f['per_device_cpu_ratio_top_vs_control']:.2f}× at {rows[-1]['devices']:,} vs {f['control_devices']:,}); "
+            f"{gas_text} gas a round; accuracy {acc}")
+
+
+def growth_fragments() -> list[str]:
+    """What "Growing past one machine" quotes from bench/results/scale.json."""
+    top = _scale()["rows"][-1]
+    n, m = top["devices"], top["edges"]
+    rss, grow = top["peak_rss_mb"], top["growth_bytes_per_round"]
+    edge_ms = top["edge_cpu_s_per_device"] * 1000
+    return [
+        f"{n:,} devices through {m} edges",
+        f"{n // m:,} devices an edge",
+        f"{edge_ms:.0f} ms of edge CPU per device and round",
+        f"about {3600 / top['edge_cpu_s_per_device'] / 1000:.0f},000 devices per edge core per hour of round",
+        f"peak RSS {rss['one_edge']:.0f} MB per edge",
+        f"coordinator: {top['coordinator_cpu_s_per_round']:.0f} CPU-seconds per round, peak RSS {rss['coordinator']:.0f} MB",
+        f"its database grows {grow['coordinator_db'] / 2**20:.1f} MB and the content store {grow['store'] / 2**20:.1f} MB per round",
+        f"chain: {top['gas_per_round']:,} gas per round, {top['chain_cpu_s_per_round']:.0f} CPU-seconds of the node",
+        f"the RoundStart is {top['round_start_bytes'] / 1024:.0f} KiB",
+    ]
+
+
+def test_the_growth_section_matches_the_scale_bench() -> None:
+    text = flat_readme()
+    section = text.split("## Growing past one machine", 1)[1].split(" ## ", 1)[0]
+    missing = [f for f in growth_fragments() if f not in section]
+    assert not missing, f"README 'Growing past one machine' should say: {missing}"
+    assert "bench/results/scale.json" in section

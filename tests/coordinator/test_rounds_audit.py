@@ -269,3 +269,28 @@ def test_intake_refuses_a_device_the_chain_binds_to_another_edge(world) -> None:
     got = coord.receive_update(update_env(edge, spec, 1, devices[0], rs.global_model_hash, 0.05, 1))
     assert got.http_status == 403 and got.detail.startswith("wrong_edge_on_chain")
     assert coord.receive_update(update_env(edge, spec, 1, devices[1], rs.global_model_hash, 0.05, 2)).status == "received"
+
+
+def test_intake_reads_a_devices_chain_binding_once_until_the_registry_changes(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One eth_call per device, not per update: the binding read is kept until this coordinator
+    itself changes the Registry (only its key can), and a binding to another edge is never kept."""
+    coord, spec, edge, devices, store, contracts, _ = world
+    calls: list[bytes] = []
+    real = contracts.edge_of
+    monkeypatch.setattr(contracts, "edge_of", lambda device: calls.append(device) or real(device))
+    assert set(coord.registry._bound_on_chain) == {d.node_id for d in devices}  # it bound them itself
+    coord.registry._bound_on_chain.clear()  # as a restarted coordinator: nothing read yet
+    rs = coord.open_round(spec.task_id, 1)
+    assert coord.receive_update(update_env(edge, spec, 1, devices[0], rs.global_model_hash, 0.05, 1)).status == "received"
+    assert coord.registry._bound_on_chain == {devices[0].node_id: edge.node_id}
+    coord.receive_update(update_env(edge, spec, 1, devices[1], rs.global_model_hash, 0.05, 2))
+    assert len(calls) == 2 and set(coord.registry._bound_on_chain) == {devices[0].node_id, devices[1].node_id}
+    other = Identity.generate()
+    coord.register([(other.public, "edge", None, None)])  # the Registry changed: read again
+    assert coord.registry._bound_on_chain == {}
+    newcomer = Identity.generate()
+    coord.register([(newcomer.public, "device", edge.node_id, None)])  # bound by this coordinator: known at once
+    assert coord.registry._bound_on_chain == {newcomer.node_id: edge.node_id}
+    contracts.bind_edges([(bytes.fromhex(devices[2].node_id), bytes.fromhex(other.node_id))])
+    got = coord.receive_update(update_env(edge, spec, 1, devices[2], rs.global_model_hash, 0.05, 3))
+    assert got.detail.startswith("wrong_edge_on_chain") and devices[2].node_id not in coord.registry._bound_on_chain

@@ -125,6 +125,24 @@ def test_small_head_falls_back_to_adam_on_a_reused_model() -> None:
     assert np.isfinite(a.loss) and np.isfinite(b.loss)
 
 
+def test_small_head_is_the_shared_numpy_adam() -> None:
+    """The edge's fallback is exactly crowdfl.headtrain.adam_head (no Keras fit per customer, whose
+    set-up cost 0.54 s a customer): the coordinator's FLTrust reference runs the same function."""
+    from coordinator.reference import reference_model, RootData
+    from crowdfl.headtrain import adam_head, head_loss
+
+    spec = _spec(hidden=16)
+    rng = np.random.default_rng(9)
+    data = _customer(rng, 70, spec, rng.uniform(0, 0.3, (spec.num_classes, spec.feature_dim)))
+    g = initial_back_weights(spec, 1)
+    got = HeadTrainer(spec).train(g, data, 11)
+    want = adam_head(g, data.features, np.asarray(data.labels, np.int64), spec, 11)
+    assert all(np.array_equal(a, b) for a, b in zip(got.weights, want, strict=True))
+    assert got.loss == head_loss(want, data.features, data.labels) < head_loss(g, data.features, data.labels)
+    ref = reference_model(g, RootData(data.features, np.asarray(data.labels, np.int64)), spec, 11)
+    assert all(np.array_equal(a, b) for a, b in zip(ref, want, strict=True))
+
+
 def test_randomised_labels_are_unmixed_with_the_known_channel(spec: TaskSpec) -> None:
     """With label_epsilon > 0 the class means are estimated through the channel's inverse: the
     mean of the noisy-label groups would be pulled towards the grand mean, the un-mixed one is not."""
