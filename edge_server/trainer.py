@@ -61,7 +61,6 @@ Training reuses the noisy features as released; it costs no privacy (post-proces
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,17 +69,15 @@ from typing import Any
 import numpy as np
 
 from crowdfl.backmodel import check_back_weights
+from crowdfl.headstats import (  # the numpy rule and its helpers, shared with the coordinator's reference
+    ADAM_EPSILON, BETA_1, BETA_2, FINETUNE_LR, FINETUNE_STEPS, class_means_of, finetune_pull,
+    label_channel, product_shift, statistics_head_fits,
+)
+from crowdfl.headstats import channel_matrix as _channel_matrix
 from crowdfl.headtrain import adam_head, head_loss
 from crowdfl.messages import TaskSpec
-from crowdfl.task import laplace_scale
 
 from .store import CustomerData
-
-
-FINETUNE_STEPS = 50
-FINETUNE_LR = 0.005
-FINETUNE_PULL = 0.1  # L2-SP weight per unit of noise variance 2 b^2
-BETA_1, BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # Keras Adam defaults
 
 
 @dataclass(frozen=True)
@@ -99,65 +96,6 @@ def inputs_digest(data: CustomerData) -> str:
     h.update(np.ascontiguousarray(data.features, dtype="<f4").tobytes())
     h.update(np.ascontiguousarray(data.labels, dtype="<i8").tobytes())
     return h.hexdigest()
-
-
-def statistics_head_fits(spec: TaskSpec) -> bool:
-    """Whether the task's head has room for the class-mean rule (see the module docstring)."""
-    return spec.hidden_units >= spec.feature_dim * (spec.num_classes + 1)
-
-
-def product_shift(spec: TaskSpec) -> float:
-    """The shift s of the product units: keeps mean + s positive, even for one noisy sample."""
-    b = laplace_scale(spec.epsilon, spec.clip_l1, spec.feature_dim) if math.isfinite(spec.epsilon) else 0.0
-    return 1.0 + 4.0 * math.sqrt(2.0) * b
-
-
-def label_channel(spec: TaskSpec) -> tuple[float, float] | None:
-    """(keep, flip) probabilities of the task's k-ary randomised response, or None for clear labels:
-    a released label is the true one with probability keep, each other class with probability flip."""
-    if not spec.label_epsilon > 0:
-        return None
-    e = math.exp(spec.label_epsilon)
-    k = spec.num_classes
-    return e / (e + k - 1), 1.0 / (e + k - 1)
-
-
-def finetune_pull(spec: TaskSpec) -> float:
-    """The L2-SP weight towards the statistics head: proportional to the noise variance 2 b^2."""
-    b = laplace_scale(spec.epsilon, spec.clip_l1, spec.feature_dim) if math.isfinite(spec.epsilon) else 0.0
-    return FINETUNE_PULL * 2.0 * b * b
-
-
-def _channel_matrix(spec: TaskSpec) -> np.ndarray:
-    keep, flip = label_channel(spec) or (1.0, 0.0)
-    c = spec.num_classes
-    return (np.full((c, c), flip) + np.eye(c) * (keep - flip)).astype(np.float32)
-
-
-def finetune_masks(spec: TaskSpec) -> list[np.ndarray]:
-    """1 where fine-tuning may move a weight: the output layer's rows from the feature-copying
-    units, and its bias. The first layer stays the identity (so clean features, which are much
-    smaller than noisy ones, can never fall below a ReLU threshold learnt on noisy inputs), and the
-    product units stay exact."""
-    d, h, c = spec.feature_dim, spec.hidden_units, spec.num_classes
-    rows = np.zeros(h, np.float32)
-    rows[:d] = 1.0
-    return [np.zeros((d, h), np.float32), np.zeros(h, np.float32), np.broadcast_to(rows[:, None], (h, c)).copy(), np.ones(c, np.float32)]
-
-
-def class_means_of(weights: Sequence[np.ndarray], spec: TaskSpec) -> np.ndarray | None:
-    """The class means a statistics-layout head carries in its (frozen) product units, or None for
-    a head of another layout. On an aggregate they are the average of the customers' means."""
-    d, c = spec.feature_dim, spec.num_classes
-    if not statistics_head_fits(spec):
-        return None
-    w1, b1 = np.asarray(weights[0]), np.asarray(weights[1], np.float64)
-    if np.abs(w1[:, d : d + c * d]).max(initial=0.0) > 1e-6:
-        return None
-    means = b1[d : d + c * d].reshape(c, d) - product_shift(spec)
-    if not (means > -product_shift(spec)).all():
-        return None
-    return means
 
 
 class HeadTrainer:

@@ -20,84 +20,15 @@ from coordinator.reference import BETA_1, BETA_2, EPSILON, adam_head  # Keras' A
 from crowdfl.backmodel import check_back_weights
 from crowdfl.messages import TaskSpec
 from edge_server.store import CustomerData
-from edge_server.trainer import (
-    FINETUNE_LR, FINETUNE_STEPS, HeadTrainer, _channel_matrix, class_means_of, finetune_pull, label_channel,
-    product_shift, statistics_head_fits,
-)
+from crowdfl.headstats import statistics_head, statistics_head_fits
+from edge_server.trainer import HeadTrainer
 
 
 def train_numpy(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:
-    """The edge's trainer in numpy: the class-statistics head, or the Adam fallback."""
+    """The edge's trainer in numpy: the class-statistics head (``crowdfl.headstats``), or the Adam fallback."""
     if not statistics_head_fits(spec):
         return train_numpy_sgd(global_weights, data, spec, seed)
-    check_back_weights(global_weights, spec)
-    if len(data.labels) == 0:
-        raise ValueError("no samples to train on")
-    x = np.asarray(data.features, np.float64)
-    y = np.asarray(data.labels, np.int64)
-    d, h, c = spec.feature_dim, spec.hidden_units, spec.num_classes
-    counts = np.bincount(y, minlength=c).astype(np.float64)
-    sums = np.zeros((c, d))
-    np.add.at(sums, y, x)
-    channel = label_channel(spec)
-    if channel is not None:  # un-mix the randomised labels, as the edge does
-        keep, flip = channel
-        counts = (counts - flip * counts.sum()) / (keep - flip)
-        sums = (sums - flip * sums.sum(axis=0, keepdims=True)) / (keep - flip)
-        counts = np.where(counts > 0.5, counts, 0.0)
-    fallback = class_means_of(global_weights, spec)
-    if fallback is None:
-        fallback = np.broadcast_to(x.mean(axis=0), (c, d))
-    mu = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1.0)[:, None], fallback)
-    s = product_shift(spec)
-    w1 = np.eye(d, h)
-    b1 = np.zeros(h)
-    w2 = np.zeros((h, c))
-    w2[:d] = mu.T
-    for k in range(c):
-        rows = d + k * d + np.arange(d)
-        b1[rows] = mu[k] + s
-        w2[rows, k] = -0.5 * (mu[k] - s)
-    start = [w1.astype(np.float32), b1.astype(np.float32), w2.astype(np.float32), np.zeros(c, np.float32)]
-    return _finetune(start, np.asarray(data.features, np.float32), y, spec)
-
-
-def _finetune(start: list[np.ndarray], x: np.ndarray, y: np.ndarray, spec: TaskSpec) -> list[np.ndarray]:
-    """Full-batch Adam from the statistics head, pulled towards it, product units frozen: as the
-    edge does it, a logistic regression on relu(x) for the output rows of the feature-copying units
-    and the output bias (the only weights `finetune_masks` lets move; the product units add a
-    fixed bias per class)."""
-    d = spec.feature_dim
-    w1, b1, w2, b2 = start
-    pull = np.float32(finetune_pull(spec))
-    mix = _channel_matrix(spec) if label_channel(spec) is not None else None
-    hx = np.maximum(x, np.float32(0.0))
-    fixed = (np.maximum(b1[d:], 0.0) @ w2[d:]).astype(np.float32)
-    p0 = [w2[:d].copy(), b2.copy()]
-    params = [q.copy() for q in p0]
-    m = [np.zeros_like(q) for q in params]
-    v = [np.zeros_like(q) for q in params]
-    n = len(y)
-    for step in range(1, FINETUNE_STEPS + 1):
-        logits = hx @ params[0] + fixed + params[1]
-        logits = logits - logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        if mix is None:
-            p[np.arange(n), y] -= 1.0
-            g_logits = p / n
-        else:  # d/dlogits of -log((p M)_y) = -p (M[:, y] - r) / r, r = (p M)_y
-            col = mix[:, y].T
-            r = (p * col).sum(axis=1, keepdims=True) + np.float32(1e-12)
-            g_logits = (-p * (col - r) / r / n).astype(np.float32)
-        grads = (hx.T @ g_logits, g_logits.sum(axis=0))
-        alpha = np.float32(FINETUNE_LR * np.sqrt(1 - BETA_2**step) / (1 - BETA_1**step))
-        for i, g in enumerate(grads):
-            g = (g + pull * (params[i] - p0[i])).astype(np.float32)
-            m[i] += (g - m[i]) * np.float32(1 - BETA_1)
-            v[i] += (g * g - v[i]) * np.float32(1 - BETA_2)
-            params[i] = (params[i] - alpha * m[i] / (np.sqrt(v[i]) + np.float32(EPSILON))).astype(np.float32)
-    return [w1, b1, np.concatenate([params[0], w2[d:]]).astype(np.float32), params[1]]
+    return statistics_head(global_weights, data.features, data.labels, spec)
 
 
 def train_numpy_sgd(global_weights: Sequence[np.ndarray], data: CustomerData, spec: TaskSpec, seed: int) -> list[np.ndarray]:
