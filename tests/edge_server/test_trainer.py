@@ -167,3 +167,34 @@ def test_randomised_labels_are_unmixed_with_the_known_channel(spec: TaskSpec) ->
     np_w = train_numpy(initial_back_weights(rr, 0), small, rr, 0)
     for a, b in zip(tf_w, np_w, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_the_coordinators_reference_is_trained_by_the_edges_rule(spec: TaskSpec, trainer: HeadTrainer) -> None:
+    """FLTrust scores an update by its cosine to the coordinator's reference update: the reference
+    must come from the procedure an honest edge runs, or honest customers are scored by the gap
+    between two trainers. With room for the statistics head, the reference is that head (its
+    update from the global model points the same way as an honest edge's on data from the same
+    homes); without room, both sides run the shared numpy Adam."""
+    from coordinator.reference import RootData, reference_model
+    from crowdfl.headtrain import adam_head
+
+    rng = np.random.default_rng(5)
+    means = rng.uniform(0, 0.3, (spec.num_classes, spec.feature_dim))
+    g = initial_back_weights(spec, 0)
+    root = _customer(rng, 400, spec, means)
+    ref = reference_model(g, RootData(root.features, root.labels), spec, 0)
+    honest = trainer.train(g, _customer(rng, 400, spec, means), 0).weights
+    flat = lambda w: np.concatenate([(a - b).ravel() for a, b in zip(w, g, strict=True)])  # noqa: E731
+    cos = float(flat(ref) @ flat(honest) / np.linalg.norm(flat(ref)) / np.linalg.norm(flat(honest)))
+    assert cos > 0.9, cos
+    adam_ref = adam_head(g, root.features, root.labels, spec, 0)  # what the reference used to be
+    cos_adam = float(flat(adam_ref) @ flat(honest) / np.linalg.norm(flat(adam_ref)) / np.linalg.norm(flat(honest)))
+    assert cos_adam < cos - 0.2, (cos_adam, cos)
+
+    small = _spec(hidden=16)
+    assert not statistics_head_fits(small)
+    g16 = initial_back_weights(small, 0)
+    np.testing.assert_array_equal(
+        np.concatenate([w.ravel() for w in reference_model(g16, RootData(root.features, root.labels), small, 3)]),
+        np.concatenate([w.ravel() for w in adam_head(g16, root.features, root.labels, small, 3)]),
+    )
