@@ -40,6 +40,12 @@ def write_report(res: dict[str, Any], out: Path) -> str:
         f"on {env.get('started', '?')}; wall time {sec['total']:.0f} s on {env.get('cpus', '?')} CPUs "
         f"(household {sec.get('household', 0):.0f} s, trainer check {sec.get('trainer_check', 0):.0f} s, "
         f"attacks {sec.get('attacks', 0):.0f} s, inference attack {sec.get('inference', 0):.0f} s, digits {sec.get('digits', 0):.0f} s).")
+    add("")
+    add("**Older than the code:** these figures come from the run dated above. Since then the default task moved "
+        "to a 40-unit head (the edge's class-statistics rule) and 24-hour windows every 25 hours, the noise "
+        "sampler was batched (same distribution), FedAvg adds in float32, and the trainer's fine-tuning became a "
+        "logistic regression (edge_trainer.json times it: 15.8 ms at 768 samples); the household sweeps here "
+        "still slide their windows by an hour. A full re-run takes about 2 hours on 2 CPUs and was not made.")
     if res.get("carried_over"):
         add("")
         add(f"**Not rerun for this version:** the {', '.join(res['carried_over'])} section(s) below are carried over "
@@ -164,7 +170,8 @@ def _findings(res: dict[str, Any], add: Any) -> None:
             + f"The leak that ε does not touch is the label, in clear in these sweeps (`label_epsilon` 0, to isolate the features): it alone gives R² "
             f"{_f(lo['r2_label'])} for the window's energy, and a home's label histogram tells whether it has an EV "
             f"charger with AUC {_f(lo['auc_ev_labels'])}, at every ε. The label-privacy study below measures what "
-            f"randomised response on the labels costs and buys; the task's default now sets `label_epsilon`.")
+            f"randomised response on the labels costs and buys; the task's default keeps labels in clear (`label_epsilon` 0), "
+            f"and the README's privacy section says why, with that study's figures.")
     add("")
 
 
