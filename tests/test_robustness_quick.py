@@ -47,5 +47,8 @@ def test_inner_product_attackers_flagged_and_harmless_when_defended(quick: dict)
     defended, plain = _row(quick, "inner_product", True), _row(quick, "inner_product", False)
     assert all(f is not None and f <= 3 for f in defended["rounds_to_flag"])
     assert defended["gap_to_control"] < 0.03
-    assert defended["test"]["mean"] > plain["test"]["mean"]
+    # they earn nothing under the defences; without them the closeness reputation pays them. (Plain
+    # Multi-Krum itself no longer collapses under this attack since the default head became the
+    # class-statistics head: docs/robustness.md, 0.592 at 30 %, so accuracy is not compared here.)
+    assert defended["attacker_reward_share"]["mean"] == 0.0 < plain["attacker_reward_share"]["mean"]
     assert defended["honest_excluded"] == 0
