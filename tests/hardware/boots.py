@@ -267,6 +267,15 @@ def boot_raspi3b(image: BuiltImage, tmp: Path, timeout: float = 1500) -> RaspiRu
 
         health = health_fields(console.wait_for(HEALTH, timeout, accept=active).group(1))
         agent_active_s = time.monotonic() - t0
+
+        def multi_user(m: re.Match[str]) -> bool:
+            f = health_fields(m.group(1))
+            return f.get("state") == "active" and f.get("multi_user") == "active"
+
+        # the agent's unit can be active before multi-user.target is (systemd-networkd-wait-online
+        # holds it up to 30 s on raspi3b, which has no network); the health line reports the target's
+        # state, since systemd stops printing "Reached target" on a console that a getty owns
+        health = health_fields(console.wait_for(HEALTH, timeout, accept=multi_user).group(1))
         text = console.text()
         startup = STARTUP.search(text)
         return RaspiRun(int(grown.group(2)), int(grown.group(3)), keys, health, agent_active_s,
