@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask, Response, jsonify, request
@@ -140,6 +141,35 @@ class EdgeProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:]) if self.log.exists() else ""
 
 
+def edge_process(
+    world: World, broker: Any, url: str, tmp_path: Path, devices: Sequence[Identity], resubmit_every_s: float,
+    mqtt_extra: str = "",
+) -> tuple[EdgeProcess, str, Any]:
+    """An edge of ``world`` configured (not started) against ``broker`` and the coordinator at ``url``:
+    its identity and database (``devices`` registered) under tmp_path/edge, broker accounts for the
+    edge and the coordinator. Returns (the edge process, its database URL, the coordinator's
+    broker credentials). ``mqtt_extra``: more lines for the edge's [mqtt] table."""
+    state = tmp_path / "edge"
+    state.mkdir()
+    world.edge.save(state / "identity.json")
+    edge_creds = broker.add_edge(short_id(world.edge.node_id))
+    coord_creds = broker.add_coordinator(short_id(world.coordinator.node_id))  # publishes the retained control messages
+    db_url = f"sqlite:///{state / 'edge.sqlite'}"
+    store = EdgeStore(db_url)
+    store.register_devices([(d.node_id, d.public.enc_key.hex()) for d in devices])
+    store.close()
+    http_port = free_port()
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'state_dir = "{state}"\nresubmit_every_s = {resubmit_every_s}\nseed = 1\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.plain_port}\nusername = "{edge_creds.username}"\npassword = "{edge_creds.password}"\n'
+        f'{mqtt_extra}'
+        f'[coordinator]\nurl = "{url}"\nsign_key = "{world.coordinator.public.sign_key.hex()}"\n'
+        f'[http]\nport = {http_port}\n'
+    )
+    return EdgeProcess(config, tmp_path / "edge.log", http_port), db_url, coord_creds
+
+
 def wait_for(cond: Callable[[], bool], timeout: float, edge: EdgeProcess | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -178,24 +208,7 @@ def test_kill_9_during_ingest_and_training_loses_nothing_and_submits_once(
     endpoint, url = coordinator_endpoint
     world = endpoint.world
     broker = mosquitto_broker
-    state = tmp_path / "edge"
-    state.mkdir()
-    world.edge.save(state / "identity.json")
-    edge_creds = broker.add_edge(short_id(world.edge.node_id))
-    coord_creds = broker.add_coordinator(short_id(world.coordinator.node_id))  # publishes the retained control messages
-    db_url = f"sqlite:///{state / 'edge.sqlite'}"
-    store = EdgeStore(db_url)
-    store.register_devices([(d.node_id, d.public.enc_key.hex()) for d in world.devices])
-    store.close()
-    http_port = free_port()
-    config = tmp_path / "edge.toml"
-    config.write_text(
-        f'state_dir = "{state}"\nresubmit_every_s = 0.5\nseed = 1\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.plain_port}\nusername = "{edge_creds.username}"\npassword = "{edge_creds.password}"\n'
-        f'[coordinator]\nurl = "{url}"\nsign_key = "{world.coordinator.public.sign_key.hex()}"\n'
-        f'[http]\nport = {http_port}\n'
-    )
-    edge = EdgeProcess(config, tmp_path / "edge.log", http_port)
+    edge, db_url, coord_creds = edge_process(world, broker, url, tmp_path, world.devices, resubmit_every_s=0.5)
 
     devices = []
     for d in world.devices:

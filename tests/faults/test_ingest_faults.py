@@ -33,10 +33,10 @@ from tests.edge_server.test_crash_restart import (  # noqa: F401  (coordinator_e
     _collect,
     _resend_until_acked,
     coordinator_endpoint,
+    edge_process,
     wait_for,
 )
 from tests.support.mosquitto import MosquittoBroker
-from tests.support.realparts import free_port
 
 pytestmark = [pytest.mark.realpart, pytest.mark.slow]
 
@@ -50,25 +50,10 @@ def rig(mosquitto_broker: MosquittoBroker, coordinator_endpoint: tuple[Coordinat
     endpoint, url = coordinator_endpoint
     world = endpoint.world
     broker = mosquitto_broker
-    state = tmp_path / "edge"
-    state.mkdir()
-    world.edge.save(state / "identity.json")
-    edge_creds = broker.add_edge(short_id(world.edge.node_id))
-    coord_creds = broker.add_coordinator(short_id(world.coordinator.node_id))
-    db_url = f"sqlite:///{state / 'edge.sqlite'}"
-    store = EdgeStore(db_url)
-    store.register_devices([(d.node_id, d.public.enc_key.hex()) for d in world.devices[:DEVICES]])
-    store.close()
-    http_port = free_port()
-    config = tmp_path / "edge.toml"
-    config.write_text(
-        f'state_dir = "{state}"\nresubmit_every_s = 0.5\nseed = 1\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.plain_port}\nusername = "{edge_creds.username}"\npassword = "{edge_creds.password}"\n'
-        f'reconnect_min_s = 1\nreconnect_max_s = 2\n'
-        f'[coordinator]\nurl = "{url}"\nsign_key = "{world.coordinator.public.sign_key.hex()}"\n'
-        f'[http]\nport = {http_port}\n'
+    edge, db_url, coord_creds = edge_process(
+        world, broker, url, tmp_path, world.devices[:DEVICES], resubmit_every_s=0.5,
+        mqtt_extra="reconnect_min_s = 1\nreconnect_max_s = 2\n",
     )
-    edge = EdgeProcess(config, tmp_path / "edge.log", http_port)
 
     def settings(creds) -> MqttSettings:  # type: ignore[no-untyped-def]
         return MqttSettings(host="127.0.0.1", port=broker.plain_port or 0, username=creds.username, password=creds.password,

@@ -25,9 +25,8 @@ from crowdfl.identity import Identity, short_id
 from crowdfl.messages import CODEC, Ack, FeatureBatch, Nack
 from crowdfl.mqtt import Incoming, MqttLink, MqttSettings, ack_topic, feature_topic
 from edge_server.store import EdgeStore
-from tests.edge_server.test_crash_restart import EdgeProcess, coordinator_endpoint  # noqa: F401  (fixture)
+from tests.edge_server.test_crash_restart import EdgeProcess, coordinator_endpoint, edge_process  # noqa: F401  (fixture)
 from tests.support.mosquitto import mosquitto_broker  # noqa: F401  (fixture)
-from tests.support.realparts import free_port
 
 pytestmark = [pytest.mark.realpart, pytest.mark.slow]
 
@@ -88,24 +87,7 @@ def rig(mosquitto_broker, coordinator_endpoint, tmp_path: Path) -> Iterator[dict
     endpoint, url = coordinator_endpoint
     world = endpoint.world
     broker = mosquitto_broker
-    state = tmp_path / "edge"
-    state.mkdir()
-    world.edge.save(state / "identity.json")
-    edge_creds = broker.add_edge(short_id(world.edge.node_id))
-    coord_creds = broker.add_coordinator(short_id(world.coordinator.node_id))
-    db_url = f"sqlite:///{state / 'edge.sqlite'}"
-    store = EdgeStore(db_url)
-    store.register_devices([(d.node_id, d.public.enc_key.hex()) for d in world.devices[:2]])
-    store.close()
-    http_port = free_port()
-    config = tmp_path / "edge.toml"
-    config.write_text(
-        f'state_dir = "{state}"\nresubmit_every_s = 1.0\nseed = 1\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.plain_port}\nusername = "{edge_creds.username}"\npassword = "{edge_creds.password}"\n'
-        f'[coordinator]\nurl = "{url}"\nsign_key = "{world.coordinator.public.sign_key.hex()}"\n'
-        f'[http]\nport = {http_port}\n'
-    )
-    edge = EdgeProcess(config, tmp_path / "edge.log", http_port)
+    edge, db_url, coord_creds = edge_process(world, broker, url, tmp_path, world.devices[:2], resubmit_every_s=1.0)
 
     def settings(creds) -> MqttSettings:  # type: ignore[no-untyped-def]
         return MqttSettings(host="127.0.0.1", port=broker.plain_port, username=creds.username, password=creds.password)
